@@ -1,0 +1,48 @@
+"""The teacher's own GQA attention, kept as a mixer type ("attention"): Llama / Mistral / Qwen2 (q/k/v biases)
+/ Qwen3 (per-head q/k RMSNorm before RoPE). With every layer of this type the student is the teacher, which
+is what the parity tests check; it also gives MambaInLlama-style baselines (attention + Mamba2).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import RMSNorm, apply_rope
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d, H, G, D = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = H, G, D
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, H * D, bias=bias)
+        self.k_proj = nn.Linear(d, G * D, bias=bias)
+        self.v_proj = nn.Linear(d, G * D, bias=bias)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(D, config.rms_norm_eps)
+            self.k_norm = RMSNorm(D, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = D**-0.5
+
+    def forward(self, h, rope, bias, cache=None):
+        Bsz, T, _ = h.shape
+        q = self.q_proj(h).view(Bsz, T, self.n_heads, self.head_dim)  # (B, T, H, D)
+        k = self.k_proj(h).view(Bsz, T, self.n_kv, self.head_dim)  # (B, T, G, D)
+        v = self.v_proj(h).view(Bsz, T, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
+        if cache is not None:
+            k, v = cache.append(self.layer_idx, k=k, v=v)  # (B, G, S, D)
+        rep = self.n_heads // self.n_kv
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, H, T, D)
+        return self.o_proj(o.transpose(1, 2).reshape(Bsz, T, -1))

@@ -1,0 +1,250 @@
+"""ZebraForCausalLM: a Llama-family decoder whose mixer is chosen per layer ("mla", "mamba2", "attention").
+
+Embeddings, RMSNorms, SwiGLU MLPs and the LM head are the teacher family's, under the teacher's parameter
+names, so weight maps stay near-identity. Works with transformers' `generate` (greedy / sampling, batch > 1,
+left padding) through ZebraCache, and loads with `AutoModelForCausalLM.from_pretrained` after `import zebra`.
+
+    import zebra, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained("student")
+    out = model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..config import ZebraConfig
+from .attention import Attention
+from .cache import ZebraCache
+from .common import MLP, RMSNorm, Rotary, attention_bias, rope_inv_freq
+from .mamba2 import Mamba2
+from .mla import MLA
+
+try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
+    from transformers import initialization as hf_init
+except ImportError:  # pragma: no cover
+    hf_init = None
+
+
+class ZebraDecoderLayer(nn.Module):
+    def __init__(self, config: ZebraConfig, layer_idx: int):
+        super().__init__()
+        self.mixer_type = config.mixer_types[layer_idx]
+        if self.mixer_type == "mamba2":
+            self.mamba = Mamba2(config, layer_idx)
+        elif self.mixer_type == "mla":
+            self.self_attn = MLA(config, layer_idx)
+        else:
+            self.self_attn = Attention(config, layer_idx)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    @property
+    def mixer(self) -> nn.Module:
+        return self.mamba if self.mixer_type == "mamba2" else self.self_attn
+
+    def forward(self, h, ctx: dict, cache=None):
+        """h (B, T, d). ctx holds what the model computed once for all layers: rope tables per mixer type,
+        the attention bias and the token mask."""
+        x = self.input_layernorm(h)
+        if self.mixer_type == "mamba2":
+            x = self.mamba(x, ctx["token_mask"], cache)
+        else:
+            x = self.self_attn(x, ctx["rope_" + self.mixer_type], ctx["bias"], cache)
+        h = h + x
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class ZebraPreTrainedModel(PreTrainedModel):
+    config_class = ZebraConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ZebraDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _is_stateful = True  # Mamba2 state cannot be rolled back (no assisted decoding)
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, Mamba2):
+            # Mamba2 defaults (SPEC 3.2): these stay as they are after attention-based init.
+            H = module.n_heads
+            A = torch.empty(H).uniform_(1, 16)
+            dt = torch.exp(torch.rand(H) * (math.log(module.dt_max) - math.log(module.dt_min)) + math.log(module.dt_min))
+            dt = dt.clamp(min=module.dt_floor)
+            _copy(module.A_log, torch.log(A))
+            _copy(module.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+            _copy(module.D, torch.ones(H))
+            w = torch.empty_like(module.conv1d.weight, device="cpu")
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            _copy(module.conv1d.weight, w)
+            bound = 1 / math.sqrt(module.d_conv)  # fan_in of a depthwise conv = kernel size
+            _copy(module.conv1d.bias, torch.empty(module.conv_dim).uniform_(-bound, bound))
+
+
+def _copy(param, value):
+    if hf_init is not None and hasattr(hf_init, "copy_"):
+        hf_init.copy_(param, value.to(param.dtype))
+    else:  # pragma: no cover
+        with torch.no_grad():
+            param.copy_(value)
+
+
+class ZebraModel(ZebraPreTrainedModel):
+    def __init__(self, config: ZebraConfig):
+        super().__init__(config)
+        rope_inv_freq(config.rope_parameters, 2)  # fail at build time on an unsupported RoPE type
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([ZebraDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = Rotary(config.rope_parameters, config.head_dim)
+        self.rotary_mla = Rotary(config.rope_parameters, config.qk_rope_head_dim)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def context(self, attention_mask, position_ids, B: int, T: int, past: int, dtype, device) -> dict:
+        """Everything the layers share for one forward: rope tables, attention bias, token mask."""
+        S = past + T
+        if attention_mask is not None:
+            if attention_mask.shape[-1] != S:
+                raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S} "
+                                 f"({past} cached + {T} new)")
+            if bool(attention_mask.all()):
+                attention_mask = None  # nothing padded: skip the masks
+        if position_ids is None:
+            if attention_mask is not None:  # left padding: positions count real tokens only
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
+            else:
+                position_ids = torch.arange(past, S, device=device)[None].expand(B, T)
+        types = set(self.config.mixer_types)
+        ctx = {
+            "token_mask": attention_mask[:, -T:] if attention_mask is not None else None,
+            "bias": attention_bias(attention_mask, T, S, dtype, device) if types & {"mla", "attention"} else None,
+        }
+        if "attention" in types:
+            ctx["rope_attention"] = self.rotary(position_ids, dtype)
+        if "mla" in types:
+            ctx["rope_mla"] = self.rotary_mla(position_ids, dtype)
+        return ctx
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values: ZebraCache | None = None,
+        inputs_embeds=None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T, _ = h.shape
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        cache = past_key_values if use_cache or past_key_values is not None else None
+        if use_cache and cache is None and not self.training:
+            cache = ZebraCache(self.config)
+        past = cache.seen_tokens if cache is not None else 0
+        ctx = self.context(attention_mask, position_ids, B, T, past, h.dtype, h.device)
+        hidden = [h] if output_hidden_states else None
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = torch.utils.checkpoint.checkpoint(layer, h, ctx, None, use_reentrant=False)
+            else:
+                h = layer(h, ctx, cache)
+            if hidden is not None:
+                hidden.append(h)
+        if cache is not None:
+            cache.seen_tokens += T
+        h = self.norm(h)
+        if hidden is not None:
+            hidden[-1] = h  # as transformers: the last entry is after the final norm
+        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache,
+                                       hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: ZebraConfig):
+        super().__init__(config)
+        self.model = ZebraModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the hybrid cache is made in prepare_inputs_for_generation
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        past_key_values=None,
+        inputs_embeds=None,
+        labels=None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_hidden_states=output_hidden_states)
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                      hidden_states=out.hidden_states)
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      inputs_embeds=None, use_cache=True, **kwargs):
+        # Our own, so generate's cache handling (which changes between transformers versions) never
+        # touches the hybrid cache: make one on the first step, then feed only the uncached tokens.
+        if not isinstance(past_key_values, ZebraCache):
+            past_key_values = ZebraCache(self.config) if use_cache else None
+        past = past_key_values.seen_tokens if past_key_values is not None else 0
+        inputs = {"past_key_values": past_key_values, "attention_mask": attention_mask, "use_cache": use_cache}
+        if inputs_embeds is not None and past == 0:
+            inputs["inputs_embeds"] = inputs_embeds
+        else:
+            inputs["input_ids"] = input_ids[:, past:]
+        if kwargs.get("position_ids") is not None:
+            inputs["position_ids"] = kwargs["position_ids"][:, past:]
+        if "logits_to_keep" in kwargs:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs

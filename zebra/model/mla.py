@@ -1,0 +1,100 @@
+"""Multi-head Latent Attention, GQA-preserving (SPEC 2; DeepSeek-V2 naming).
+
+    C_Q = h W_DQ (q_a_proj)            Q = C_Q W_UQR (q_b_proj), per head [nope (d_nope) | rope (d_r)]
+    [C_KV | K_R] = h [W_DKV | W_KR] (kv_a_proj_with_mqa)      cached per token: r_kv + d_r values
+    per KV group g: [K_C,g | V_g] = C_KV W_UKV,g (kv_b_proj)  shared by the n_h/n_kv heads of the group
+    head i: q_i = [Q_C,i ; RoPE(Q_R,i)], k_i = [K_C,g(i) ; RoPE(K_R)], v_i = V_g(i)
+    O = softmax(q k^T / sqrt(d_h) + mask) v, then o_proj (the teacher's W_O)
+
+Two equivalent computations:
+  decompressed  materialise K, V from the latent cache: training and prefill (SDPA).
+  absorbed      fold W_UK into the query and W_UV into the output and attend over C_KV directly: decode,
+                where reading r_kv + d_r values per cached token is the whole point.
+A k bias (Qwen2) adds q_nope . b_k to every score of a query: constant over keys, so softmax ignores it;
+the v bias passes through softmax unchanged (rows sum to 1) and is added after.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .common import apply_rope
+
+
+class MLA(nn.Module):
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        d = config.hidden_size
+        H, G = config.num_attention_heads, config.num_key_value_heads
+        self.n_heads, self.n_kv = H, G
+        self.d_nope, self.d_r, self.d_v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+        self.r_kv, self.r_q = config.kv_lora_rank, config.q_lora_rank
+        bias = config.attention_bias
+        dq = self.d_nope + self.d_r
+        if self.r_q is None:
+            self.q_proj = nn.Linear(d, H * dq, bias=bias)
+        else:
+            self.q_a_proj = nn.Linear(d, self.r_q, bias=False)
+            self.q_b_proj = nn.Linear(self.r_q, H * dq, bias=bias)
+        self.kv_a_proj_with_mqa = nn.Linear(d, self.r_kv + self.d_r, bias=bias)
+        self.kv_b_proj = nn.Linear(self.r_kv, G * (self.d_nope + self.d_v), bias=bias)
+        self.o_proj = nn.Linear(H * self.d_v, d, bias=False)
+        self.scale = config.head_dim**-0.5  # the teacher's scale (d_nope + d_r = d_h in the paper's configs)
+        self.absorb = "decode"  # "decode": absorbed for one-token steps; "always" / "never" for tests
+
+    def _queries(self, h):
+        q = self.q_proj(h) if self.r_q is None else self.q_b_proj(self.q_a_proj(h))
+        q = q.view(*h.shape[:2], self.n_heads, self.d_nope + self.d_r)  # (B, T, H, d_nope + d_r)
+        return q[..., : self.d_nope], q[..., self.d_nope :]
+
+    def forward(self, h, rope, bias, cache=None):
+        Bsz, T, _ = h.shape
+        cos, sin = rope
+        q_nope, q_rope = self._queries(h)
+        q_rope = apply_rope(q_rope, cos, sin)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(h).split([self.r_kv, self.d_r], dim=-1)  # (B, T, R), (B, T, d_r)
+        k_rope = apply_rope(k_rope[:, :, None], cos, sin)[:, :, 0]
+        if cache is not None:
+            c_kv, k_rope = cache.append(self.layer_idx, c_kv=c_kv, k_rope=k_rope)  # (B, S, R), (B, S, d_r)
+        use_absorbed = self.absorb == "always" or (self.absorb == "decode" and T == 1 and cache is not None)
+        if use_absorbed:
+            o = self._absorbed(q_nope, q_rope, c_kv, k_rope, bias)
+        else:
+            o = self._decompressed(q_nope, q_rope, c_kv, k_rope, bias)
+        return self.o_proj(o.reshape(Bsz, T, self.n_heads * self.d_v))
+
+    def _decompressed(self, q_nope, q_rope, c_kv, k_rope, bias):
+        Bsz, S, _ = c_kv.shape
+        H, G = self.n_heads, self.n_kv
+        kv = self.kv_b_proj(c_kv).view(Bsz, S, G, self.d_nope + self.d_v)
+        k_nope, v = kv[..., : self.d_nope], kv[..., self.d_nope :]  # (B, S, G, d_nope), (B, S, G, d_v)
+        rep = H // G
+        k = torch.cat([k_nope.repeat_interleave(rep, dim=2), k_rope[:, :, None].expand(-1, -1, H, -1)], dim=-1)
+        q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, d_nope + d_r)
+        v = v.repeat_interleave(rep, dim=2)  # (B, S, H, d_v)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=self.scale
+        )  # (B, H, T, d_v)
+        return o.transpose(1, 2)  # (B, T, H, d_v)
+
+    def _absorbed(self, q_nope, q_rope, c_kv, k_rope, bias):
+        Bsz, T, H, _ = q_nope.shape
+        G, rep = self.n_kv, self.n_heads // self.n_kv
+        w = self.kv_b_proj.weight.view(G, self.d_nope + self.d_v, self.r_kv)
+        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]  # (G, d_nope, R), (G, d_v, R)
+        qn = q_nope.reshape(Bsz, T, G, rep, self.d_nope)
+        qr = q_rope.reshape(Bsz, T, G, rep, self.d_r)
+        q_lat = torch.einsum("btgjd,gdr->btgjr", qn, w_uk)  # W_UK folded into the query: (B, T, G, rep, R)
+        scores = torch.einsum("btgjr,bsr->bgjts", q_lat, c_kv) + torch.einsum("btgjd,bsd->bgjts", qr, k_rope)
+        scores = scores.float() * self.scale  # (B, G, rep, T, S)
+        if bias is not None:
+            scores = scores + bias[:, :, None].float()  # (B, 1, 1, T, S)
+        p = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bgjts,bsr->btgjr", p, c_kv)  # attention over the latent cache
+        o = torch.einsum("btgjr,gvr->btgjv", o_lat, w_uv)  # W_UV folded into the output: (B, T, G, rep, d_v)
+        if self.kv_b_proj.bias is not None:
+            o = o + self.kv_b_proj.bias.view(G, self.d_nope + self.d_v)[:, self.d_nope :][:, None]
+        return o.reshape(Bsz, T, H, self.d_v)

@@ -1,0 +1,24 @@
+"""Depthwise causal conv1d with a carried state (Mamba2's short conv, SPEC 3.2), pure PyTorch.
+
+x (B, T, C) with `state` (B, C, K-1): the last K-1 inputs before x (zeros at the start of a sequence).
+Returns (y (B, T, C), new_state (B, C, K-1)). One function serves training, prefill and one-token decode,
+so a prefill continued token by token sees exactly the same windows as one long forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_conv1d(x, weight, bias, state=None):
+    # weight (C, 1, K), bias (C,)
+    Bsz, T, C = x.shape
+    K = weight.shape[-1]
+    xt = x.transpose(1, 2)  # (B, C, T)
+    if state is None:
+        state = xt.new_zeros(Bsz, C, K - 1)
+    full = torch.cat([state.to(xt.dtype), xt], dim=-1)  # (B, C, K-1+T)
+    y = F.conv1d(full, weight, bias, groups=C)  # (B, C, T)
+    new_state = full[:, :, -(K - 1):] if K > 1 else full[:, :, :0]
+    return y.transpose(1, 2), new_state

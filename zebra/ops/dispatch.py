@@ -1,0 +1,74 @@
+"""The one visible backend switch: "auto" | "torch" | "triton".
+
+    from zebra.ops import dispatch
+    dispatch.set_backend("torch")      # force the pure-PyTorch reference everywhere
+    ZEBRA_BACKEND=torch zebra ...      # same, from the environment
+
+"auto" uses the GPU kernels for CUDA tensors when they import (see zebra/kernels/, optional extra
+`zebra[cuda]`), else the reference. CPU tensors always take the reference. Kernels register themselves in
+`_KERNELS` from zebra.kernels.* on first use; nothing here imports Triton at module import.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import conv, ssd
+
+_BACKEND = os.environ.get("ZEBRA_BACKEND", "auto")
+_KERNELS: dict[str, object] = {}  # op name -> callable, filled by zebra.kernels (lazily)
+_KERNELS_LOADED = False
+
+
+def set_backend(name: str) -> None:
+    global _BACKEND
+    if name not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {name!r}")
+    _BACKEND = name
+
+
+def get_backend() -> str:
+    return _BACKEND
+
+
+def _kernel(op: str, tensor, backend: str | None = None):
+    """The registered GPU kernel for `op`, or None when the reference should run."""
+    global _KERNELS_LOADED
+    b = backend if backend not in (None, "auto") else _BACKEND
+    if b == "torch" or not tensor.is_cuda:
+        return None
+    if not _KERNELS_LOADED:
+        _KERNELS_LOADED = True
+        try:
+            from zebra import kernels  # noqa: F401  (registers into _KERNELS)
+        except ImportError as e:
+            if b == "triton":
+                raise ImportError(f"backend 'triton' requested but GPU kernels are unavailable: {e}. "
+                                  "Install the extra: pip install 'zebra[cuda]'") from e
+    fn = _KERNELS.get(op)
+    if fn is None and b == "triton":
+        raise RuntimeError(f"backend 'triton' requested but no kernel is registered for {op!r}")
+    return fn
+
+
+def ssd_scan(x, dt, A, Bm, Cm, initial_state=None, chunk_size=64, backend=None):
+    """Mamba2 chunked scan for training / prefill. Shapes in zebra/ops/ssd.py."""
+    fn = _kernel("ssd_scan", x, backend)
+    if fn is not None:
+        return fn(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size)
+    return ssd.ssd_chunked(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size)
+
+
+def ssd_step(state, x, dt, A, Bm, Cm, backend=None):
+    """One-token recurrent update (state updated in place)."""
+    fn = _kernel("ssd_step", x, backend)
+    if fn is not None:
+        return fn(state, x, dt, A, Bm, Cm)
+    return ssd.ssd_step(state, x, dt, A, Bm, Cm)
+
+
+def causal_conv1d(x, weight, bias, state=None, backend=None):
+    fn = _kernel("causal_conv1d", x, backend)
+    if fn is not None:
+        return fn(x, weight, bias, state)
+    return conv.causal_conv1d(x, weight, bias, state)
