@@ -35,7 +35,7 @@ class ZebraConfig(PretrainedConfig):
         hidden_act: str = "silu",
         max_position_embeddings: int = 8192,
         rms_norm_eps: float = 1e-5,
-        rope_parameters: dict | None = None,
+        rope_config: dict | None = None,
         attention_bias: bool = False,
         mlp_bias: bool = False,
         qk_norm: bool = False,
@@ -66,8 +66,11 @@ class ZebraConfig(PretrainedConfig):
         self.hidden_act = hidden_act
         self.max_position_embeddings = max_position_embeddings
         self.rms_norm_eps = rms_norm_eps
-        # Stored under our own key (not rope_scaling/rope_theta) so no transformers version rewrites it.
-        self.rope_parameters = dict(rope_parameters or {"rope_type": "default", "rope_theta": 10000.0})
+        # Our own key: transformers validates and rewrites `rope_parameters` / `rope_scaling` differently
+        # across versions. Same content as a v5 `rope_parameters` dict (rope_type, rope_theta, scaling keys).
+        if rope_config is None:
+            rope_config = kwargs.pop("rope_parameters", None)
+        self.rope_config = dict(rope_config or {"rope_type": "default", "rope_theta": 10000.0})
         self.attention_bias = attention_bias
         self.mlp_bias = mlp_bias
         self.qk_norm = qk_norm

@@ -99,12 +99,12 @@ def _copy(param, value):
 class ZebraModel(ZebraPreTrainedModel):
     def __init__(self, config: ZebraConfig):
         super().__init__(config)
-        rope_inv_freq(config.rope_parameters, 2)  # fail at build time on an unsupported RoPE type
+        rope_inv_freq(config.rope_config, 2)  # fail at build time on an unsupported RoPE type
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([ZebraDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary = Rotary(config.rope_parameters, config.head_dim)
-        self.rotary_mla = Rotary(config.rope_parameters, config.qk_rope_head_dim)
+        self.rotary = Rotary(config.rope_config, config.head_dim)
+        self.rotary_mla = Rotary(config.rope_config, config.qk_rope_head_dim)
         self.gradient_checkpointing = False
         self.post_init()
 
