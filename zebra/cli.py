@@ -20,6 +20,7 @@ COMMANDS = {
     "kv": ("kv", "KV-cache size of a student layout vs its teacher (works from config.json alone)"),
     "assets": ("assets", "fetch / show the offline assets (teacher, chat data, eval data)"),
     "generate": ("generate", "generate text from a teacher or student"),
+    "agreement": ("agreement", "KL / top-1 agreement of students vs the teacher on held-out chat text"),
     "demo": ("demo", "the embedded default end to end (what `make demo` runs)"),
 }
 

@@ -1,0 +1,1 @@
+"""Evaluation: teacher agreement on held-out chat text (agreement.py); lm-eval tasks come later."""
