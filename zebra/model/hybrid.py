@@ -55,7 +55,7 @@ class ZebraDecoderLayer(nn.Module):
         the attention bias and the token mask."""
         x = self.input_layernorm(h)
         if self.mixer_type == "mamba2":
-            x = self.mamba(x, ctx["token_mask"], cache)
+            x = self.mamba(x, ctx["token_mask"], cache, ctx.get("doc_ids"))
         else:
             x = self.self_attn(x, ctx["rope_" + self.mixer_type], ctx["bias"], cache)
         h = h + x
@@ -114,24 +114,38 @@ class ZebraModel(ZebraPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def context(self, attention_mask, position_ids, B: int, T: int, past: int, dtype, device) -> dict:
-        """Everything the layers share for one forward: rope tables, attention bias, token mask."""
+    def context(self, attention_mask, position_ids, B: int, T: int, past: int, dtype, device, doc_ids=None) -> dict:
+        """Everything the layers share for one forward: rope tables, attention bias, token mask.
+        doc_ids (B, T): packed documents, non-decreasing per row; attention stays inside a document, Mamba2
+        resets its conv and state at each boundary, and positions restart at 0 (unless position_ids given)."""
         S = past + T
+        if doc_ids is not None and past:
+            raise ValueError("doc_ids (packed documents) is for training / scoring forwards, not cached decoding")
         if attention_mask is not None:
             if attention_mask.shape[-1] != S:
                 raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, expected {S} "
                                  f"({past} cached + {T} new)")
             if bool(attention_mask.all()):
                 attention_mask = None  # nothing padded: skip the masks
+        if position_ids is None and doc_ids is not None:
+            idx = torch.arange(T, device=device).expand(B, T)
+            starts = torch.ones_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            position_ids = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=1).values
         if position_ids is None:
             if attention_mask is not None:  # left padding: positions count real tokens only
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, S, device=device)[None].expand(B, T)
-        types = set(self.config.mixer_types)
+        types = {layer.mixer_type for layer in self.layers}  # not config: stages may swap layers in place
+        bias = attention_bias(attention_mask, T, S, dtype, device) if types & {"mla", "attention"} else None
+        if bias is not None and doc_ids is not None:
+            same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T)
+            bias = bias.masked_fill(~same, torch.finfo(dtype).min)
         ctx = {
             "token_mask": attention_mask[:, -T:] if attention_mask is not None else None,
-            "bias": attention_bias(attention_mask, T, S, dtype, device) if types & {"mla", "attention"} else None,
+            "bias": bias,
+            "doc_ids": doc_ids,
         }
         if "attention" in types:
             ctx["rope_attention"] = self.rotary(position_ids, dtype)
@@ -149,6 +163,7 @@ class ZebraModel(ZebraPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        doc_ids=None,
         **kwargs,
     ):
         if (input_ids is None) == (inputs_embeds is None):
@@ -156,11 +171,13 @@ class ZebraModel(ZebraPreTrainedModel):
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T, _ = h.shape
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if doc_ids is not None:
+            use_cache = False  # packed rows are scored / trained whole, never continued
         cache = past_key_values if use_cache or past_key_values is not None else None
         if use_cache and cache is None and not self.training:
             cache = ZebraCache(self.config)
         past = cache.seen_tokens if cache is not None else 0
-        ctx = self.context(attention_mask, position_ids, B, T, past, h.dtype, h.device)
+        ctx = self.context(attention_mask, position_ids, B, T, past, h.dtype, h.device, doc_ids)
         hidden = [h] if output_hidden_states else None
         for layer in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
@@ -216,11 +233,12 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
+        doc_ids=None,
         **kwargs,
     ):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=output_hidden_states, doc_ids=doc_ids)
         h = out.last_hidden_state
         if logits_to_keep:
             h = h[:, -logits_to_keep:]

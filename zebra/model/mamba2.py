@@ -7,6 +7,7 @@ headdim = d_state = d_h, x and B with n_kv groups (like GQA's V and K), C per he
     state_t = exp(dt_t A) state_{t-1} + dt_t x_t B_t^T;  y_t = state_t C_t + D x_t       (fp32 state)
     out = out_proj(RMSNorm(y * silu(z)))
 
+Packed documents (doc_ids) reset the conv window and the state at each boundary (training only).
 Padding (attention_mask == 0, left padding in a batch) must not reach the state: padded inputs are zeroed
 before the conv (so later conv windows see what a sequence start sees) and their dt is 0 (no decay, no input).
 The scan and the step go through zebra.ops.dispatch, so GPU kernels can replace them.
@@ -59,15 +60,16 @@ class Mamba2(nn.Module):
         self.D.fill_(1.0)
         self.conv1d.reset_parameters()
 
-    def forward(self, h, token_mask=None, cache=None):
-        """h (B, T, d); token_mask (B, T) with 0 at padding, or None; cache a ZebraCache or None."""
+    def forward(self, h, token_mask=None, cache=None, doc_ids=None):
+        """h (B, T, d); token_mask (B, T) with 0 at padding, or None; cache a ZebraCache or None;
+        doc_ids (B, T) non-decreasing ids of packed documents (conv and state reset at each new id), or None."""
         Bsz, T, _ = h.shape
         H, P, N, rep = self.n_heads, self.headdim, self.d_state, self.n_heads // self.n_kv
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, H], dim=-1)
         if token_mask is not None:
             xBC = xBC * token_mask[..., None].to(xBC.dtype)
         conv_state = cache.get(self.layer_idx, "conv") if cache is not None else None
-        xBC, conv_state = dispatch.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, conv_state)
+        xBC, conv_state = dispatch.causal_conv1d(xBC, self.conv1d.weight, self.conv1d.bias, conv_state, doc_ids=doc_ids)
         xBC = self.act(xBC)
         x, Bm, Cm = xBC.split([self.d_xb, self.d_xb, self.d_inner], dim=-1)
         x = x.view(Bsz, T, self.n_kv, P).repeat_interleave(rep, dim=2)  # (B, T, H, P)
@@ -84,7 +86,8 @@ class Mamba2(nn.Module):
                 ssm_state = x.new_zeros(Bsz, H, P, N, dtype=torch.float32)
             y = dispatch.ssd_step(ssm_state, x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0])[:, None]  # (B, 1, H, P)
         else:
-            y, ssm_state = dispatch.ssd_scan(x, dt, A, Bm, Cm, initial_state=ssm_state, chunk_size=self.chunk_size)
+            y, ssm_state = dispatch.ssd_scan(x, dt, A, Bm, Cm, initial_state=ssm_state, chunk_size=self.chunk_size,
+                                             doc_ids=doc_ids)
         if cache is not None:
             cache.put(self.layer_idx, "conv", conv_state)
             cache.put(self.layer_idx, "ssm", ssm_state)

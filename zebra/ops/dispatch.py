@@ -51,12 +51,12 @@ def _kernel(op: str, tensor, backend: str | None = None):
     return fn
 
 
-def ssd_scan(x, dt, A, Bm, Cm, initial_state=None, chunk_size=64, backend=None):
+def ssd_scan(x, dt, A, Bm, Cm, initial_state=None, chunk_size=64, doc_ids=None, backend=None):
     """Mamba2 chunked scan for training / prefill. Shapes in zebra/ops/ssd.py."""
     fn = _kernel("ssd_scan", x, backend)
     if fn is not None:
-        return fn(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size)
-    return ssd.ssd_chunked(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size)
+        return fn(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size, doc_ids=doc_ids)
+    return ssd.ssd_chunked(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size, doc_ids=doc_ids)
 
 
 def ssd_step(state, x, dt, A, Bm, Cm, backend=None):
@@ -67,8 +67,8 @@ def ssd_step(state, x, dt, A, Bm, Cm, backend=None):
     return ssd.ssd_step(state, x, dt, A, Bm, Cm)
 
 
-def causal_conv1d(x, weight, bias, state=None, backend=None):
+def causal_conv1d(x, weight, bias, state=None, doc_ids=None, backend=None):
     fn = _kernel("causal_conv1d", x, backend)
     if fn is not None:
-        return fn(x, weight, bias, state)
-    return conv.causal_conv1d(x, weight, bias, state)
+        return fn(x, weight, bias, state, doc_ids=doc_ids)
+    return conv.causal_conv1d(x, weight, bias, state, doc_ids=doc_ids)
