@@ -1,0 +1,1 @@
+"""Training / eval data readers (e.g. `zebra.data.sharegpt.iter_sharegpt`). Import the submodules directly."""
