@@ -195,17 +195,32 @@ def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=la
             rope_dim=None, nope_dim=None, init: str = "svd", seed: int = 0, dtype: str | torch.dtype = "float32",
             drop_qk_norm: bool = False, force: bool = False) -> dict:
     """Convert `teacher` into a hybrid student saved at `out_dir`; returns the report written to zebra_convert.json."""
-    if init not in ("svd", "random"):
-        raise ZebraError(f"--init must be 'svd' or 'random', got {init!r}")
     torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if torch_dtype is None:
         raise ZebraError(f"--dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     out = Path(out_dir).expanduser()
     check_out_dir(out, force, teacher)
+    t0 = time.time()
+    model, tokenizer, report = build_student(teacher, mla_layers, attention_layers, kv_rank, q_rank, rope_dim,
+                                             nope_dim, init, seed, drop_qk_norm)
+    report["flags"]["dtype"] = str(torch_dtype).replace("torch.", "")
+    model = model.to(torch_dtype)
+    gen = load_generation_config(teacher)
+    if gen is not None:
+        model.generation_config = gen
+    _save_atomically(out, force, model, tokenizer, report)
+    report["seconds"] = round(time.time() - t0, 2)
+    return report
+
+
+def build_student(teacher: str, mla_layers, attention_layers=None, kv_rank=layout.DEFAULT_KV_RANK, q_rank=None,
+                  rope_dim=None, nope_dim=None, init: str = "svd", seed: int = 0, drop_qk_norm: bool = False):
+    """The initialised student in memory (fp32): (ZebraForCausalLM, tokenizer, report dict)."""
+    if init not in ("svd", "random"):
+        raise ZebraError(f"--init must be 'svd' or 'random', got {init!r}")
     _, cfg = build_student_config(teacher, mla_layers, attention_layers, kv_rank, q_rank, rope_dim, nope_dim,
                                   drop_qk_norm)
 
-    t0 = time.time()
     tcfg, state, tokenizer = load_teacher(teacher)
     check_teacher_tensors(cfg, state)
 
@@ -231,8 +246,7 @@ def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=la
         "teacher_model_type": cfg.teacher_model_type,
         "flags": {"mla_layers": idx("mla"), "attention_layers": idx("attention"), "kv_rank": cfg.kv_lora_rank,
                   "q_rank": cfg.q_lora_rank, "rope_dim": cfg.qk_rope_head_dim, "nope_dim": cfg.qk_nope_head_dim,
-                  "init": init, "seed": seed, "dtype": str(torch_dtype).replace("torch.", ""),
-                  "drop_qk_norm": drop_qk_norm},
+                  "init": init, "seed": seed, "drop_qk_norm": drop_qk_norm},
         "mixer_types": list(cfg.mixer_types),
         "mamba2_layers": idx("mamba2"),
         "kv": summary,
@@ -242,14 +256,12 @@ def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=la
         "default_initialised": sorted(default),
         "teacher_tensors_ignored": unused,
     }
+    return model, tokenizer, report
 
-    model = model.to(torch_dtype)
-    gen = load_generation_config(teacher)
-    if gen is not None:
-        model.generation_config = gen
-    _save_atomically(out, force, model, tokenizer, report)
-    report["seconds"] = round(time.time() - t0, 2)
-    return report
+
+def save_model(model, tokenizer, out_dir, report: dict | None = None, force: bool = True) -> None:
+    """Save a (stage's) model atomically: temp dir beside out_dir, then rename."""
+    _save_atomically(Path(out_dir), force, model, tokenizer, report if report is not None else {})
 
 
 class _quiet_progress:

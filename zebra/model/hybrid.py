@@ -50,16 +50,17 @@ class ZebraDecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.mamba if self.mixer_type == "mamba2" else self.self_attn
 
-    def forward(self, h, ctx: dict, cache=None):
+    def forward(self, h, ctx: dict, cache=None, return_mixer: bool = False):
         """h (B, T, d). ctx holds what the model computed once for all layers: rope tables per mixer type,
-        the attention bias and the token mask."""
+        the attention bias and the token mask. return_mixer also returns the mixer's output (for ILD)."""
         x = self.input_layernorm(h)
         if self.mixer_type == "mamba2":
             x = self.mamba(x, ctx["token_mask"], cache, ctx.get("doc_ids"))
         else:
             x = self.self_attn(x, ctx["rope_" + self.mixer_type], ctx["bias"], cache)
         h = h + x
-        return h + self.mlp(self.post_attention_layernorm(h))
+        out = h + self.mlp(self.post_attention_layernorm(h))
+        return (out, x) if return_mixer else out
 
 
 class ZebraPreTrainedModel(PreTrainedModel):
@@ -114,7 +115,8 @@ class ZebraModel(ZebraPreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
-    def context(self, attention_mask, position_ids, B: int, T: int, past: int, dtype, device, doc_ids=None) -> dict:
+    def context(self, attention_mask, position_ids, B: int, T: int, past: int, dtype, device, doc_ids=None,
+                mixer_types=None) -> dict:
         """Everything the layers share for one forward: rope tables, attention bias, token mask.
         doc_ids (B, T): packed documents, non-decreasing per row; attention stays inside a document, Mamba2
         resets its conv and state at each boundary, and positions restart at 0 (unless position_ids given)."""
@@ -137,7 +139,8 @@ class ZebraModel(ZebraPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -T:]
             else:
                 position_ids = torch.arange(past, S, device=device)[None].expand(B, T)
-        types = {layer.mixer_type for layer in self.layers}  # not config: stages may swap layers in place
+        # From the layers, not the config: stages swap layers in place (mixer_types overrides for that).
+        types = set(mixer_types) if mixer_types is not None else {layer.mixer_type for layer in self.layers}
         bias = attention_bias(attention_mask, T, S, dtype, device) if types & {"mla", "attention"} else None
         if bias is not None and doc_ids is not None:
             same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T)

@@ -1,0 +1,86 @@
+"""report.md for a `zebra run`: KL to the teacher after each stage, the chosen layers, the KV cache, training
+throughput, and plots (sensitivity per layer, training loss curves).
+
+    zebra report RUN_DIR      (also written as the run's last stage)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _read(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _loss_curves(run: Path, out: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in ("ild-mla", "ild-mamba2", "distill", "dpo") if (run / s / "metrics.jsonl").exists()]
+    if not stages:
+        return False
+    fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
+    for ax, s in zip(axes[0], stages):
+        recs = [json.loads(line) for line in (run / s / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        recs = [r for r in recs if "loss" in r and "event" not in r]
+        ax.plot([r["tokens"] for r in recs], [r["loss"] for r in recs])
+        ax.set_title(s)
+        ax.set_xlabel("tokens")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_report(run_dir, cfg: dict | None = None) -> Path:
+    run = Path(run_dir)
+    cfg = cfg or _read(run / "run_config.json") or {}
+    s = {name: _read(run / name / "summary.json") or {} for name in
+         ("init", "ild-mla", "ild-mamba2", "sensitivity", "smart", "compose", "distill", "pairs", "dpo")}
+    lines = [f"# Zebra run: {cfg.get('name', run.name)}", ""]
+    lines += [f"base `{cfg.get('base')}`, teacher `{cfg.get('teacher')}`, data {cfg.get('data')}, "
+              f"seq_len {cfg.get('seq_len')}, seed {cfg.get('seed')}", ""]
+    comp = s["compose"]
+    if comp.get("layers") is not None:
+        kv = comp.get("kv", {})
+        lines += [f"**MLA layers** ({s['smart'].get('how', '?')}): {comp['layers']}  ",
+                  f"**KV cache**: {kv.get('student_per_token')} values/token vs {kv.get('teacher_per_token')} "
+                  f"for the teacher = **{kv.get('kv_percent', float('nan')):.2f}%**", ""]
+    lines += ["## KL to the teacher on held-out chat (per token)", "",
+              "| after | KL(teacher‖student) | top-1 agreement | student ppl | teacher ppl |", "|---|---|---|---|---|"]
+    for label, rec in (("init (composed from initialised layers)", comp.get("kl_init")),
+                       ("ILD (composed from ILD-refined layers)", comp.get("kl_ild")),
+                       ("end-to-end distillation", s["distill"].get("kl")), ("DPO", s["dpo"].get("kl"))):
+        if rec:
+            lines.append(f"| {label} | {rec['kl']:.4f} | {rec['top1_agreement']:.3f} | {rec['ppl_student']:.2f} | "
+                         f"{rec['ppl_teacher']:.2f} |")
+    lines += ["", "## Training", "", "| stage | tokens | steps | final loss | tokens/s | seconds |", "|---|---|---|---|---|---|"]
+    for st in ("ild-mla", "ild-mamba2", "distill", "dpo"):
+        r = s[st]
+        if r:
+            fin = r.get("final", {})
+            lines.append(f"| {st} | {r.get('tokens')} | {r.get('steps')} | {fin.get('loss', float('nan')):.4f} | "
+                         f"{r.get('tokens_per_s', 0):,.0f} | {r.get('seconds')} |")
+    if s["pairs"]:
+        lines += ["", f"Preference pairs made: {s['pairs'].get('pairs')}"]
+    sens = _read(run / "sensitivity" / "sensitivity.json")
+    if sens:
+        lines += ["", "## Layer sensitivity (SPEC 5)", "",
+                  f"KL of the all-Mamba2 model: {sens['kl_all_mamba2']:.4f}; score s_i = KL_0 - KL_i "
+                  f"over {sens['num_tokens']} tokens.", ""]
+        if (run / "sensitivity" / "sensitivity.png").exists():
+            lines.append("![sensitivity](sensitivity/sensitivity.png)")
+        lines += ["", "| layer | " + " | ".join(str(i) for i in range(len(sens["scores"]))) + " |",
+                  "|---" * (len(sens["scores"]) + 1) + "|",
+                  "| s_i | " + " | ".join(f"{v:.3f}" for v in sens["scores"]) + " |"]
+    if _loss_curves(run, run / "loss_curves.png"):
+        lines += ["", "## Loss curves", "", "![loss curves](loss_curves.png)"]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
