@@ -18,10 +18,19 @@ from .errors import ZebraError
 COMMANDS = {
     "convert": ("convert", "build an initialised hybrid student from a teacher"),
     "kv": ("kv", "KV-cache size of a student layout vs its teacher (works from config.json alone)"),
+    "smart": ("smart", "choose the MLA layers from per-layer sensitivity scores (SMART, Algorithm 2)"),
     "assets": ("assets", "fetch / show the offline assets (teacher, chat data, eval data)"),
     "generate": ("generate", "generate text from a teacher or student"),
     "agreement": ("agreement", "KL / top-1 agreement of students vs the teacher on held-out chat text"),
     "demo": ("demo", "the embedded default end to end (what `make demo` runs)"),
+    "run": ("run", "the whole pipeline from one YAML config, resumable"),
+    "init": ("stage", "pipeline stage: pure-MLA and pure-Mamba2 initialised students"),
+    "ild": ("stage", "pipeline stage: intermediate layer distillation"),
+    "sensitivity": ("stage", "pipeline stage: per-layer sensitivity scores"),
+    "distill": ("stage", "pipeline stage: end-to-end distillation"),
+    "dpo": ("stage", "pipeline stage: DPO with the distilled student as reference"),
+    "compose": ("compose", "compose a hybrid from an all-MLA and an all-Mamba2 model"),
+    "make-pairs": ("make_pairs", "DPO pairs: dataset reply vs the model's own sample"),
 }
 
 
