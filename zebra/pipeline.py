@@ -293,19 +293,18 @@ class Run:
         return summary
 
     def run_pairs(self):
-        from .data.packing import split_ild_kd
-        from .data.sources import load_conversations
+        from .data.packing import ild_kd_part
+        from .data.sources import load_conversations, source_key
         from .stages.pairs import make_pairs
 
         st = self.cfg["pairs"]
         d = self.write_stage_config("pairs")
         student = self.load(self.stage_dir("distill") / "model").eval()
-        convs = []
+        kd = []  # prompts from the KD share (the same split the distillation stream uses), never held-out
         for src in self.cfg["data"]:
-            convs.extend(load_conversations(src))
-        _, kd = split_ild_kd(convs, self.cfg["ild_fraction"], self.cfg["seed"])
-        # the last pairs of the KD share: the prompts the distillation budget is least likely to have reached
-        kd = list(reversed(kd))
+            salt = source_key(src)
+            kd += [c for i, c in enumerate(load_conversations(src)) if ild_kd_part(i, self.cfg["ild_fraction"], 0, salt) == "kd"]
+        kd = list(reversed(kd))  # the end of the data: the prompts a distillation budget is least likely to reach
         n = make_pairs(student, self.tokenizer(), kd, st["num_pairs"], d / "pairs.jsonl", st["max_new_tokens"],
                        st["temperature"], st["batch_size"], seed=self.cfg["seed"])
         return {"pairs": n}

@@ -21,7 +21,7 @@ from ..errors import ZebraError
 def prompts_and_replies(conversations, num: int, max_prompt_chars: int = 2000, max_reply_chars: int = 4000):
     out = []
     for conv in conversations:
-        if len(conv) < 2 or conv[0]["role"] != "user" or conv[1]["role"] != "assistant":
+        if not isinstance(conv, list) or len(conv) < 2 or conv[0]["role"] != "user" or conv[1]["role"] != "assistant":
             continue
         p, r = conv[0]["content"].strip(), conv[1]["content"].strip()
         if not p or not r or len(p) > max_prompt_chars or len(r) > max_reply_chars:

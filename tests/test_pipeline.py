@@ -1,0 +1,110 @@
+"""The whole `zebra run` pipeline on a tiny Llama teacher (with the real SmolLM2 tokenizer) and a small JSONL
+chat source: every stage completes, a run interrupted mid-stage and resumed skips finished stages and ends
+with exactly the weights of an uninterrupted run with the same seed, and bad configs fail clearly."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from zebra.errors import ZebraError
+from zebra.pipeline import STAGES, Run, load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory, teacher_tokenizer):
+    root = tmp_path_factory.mktemp("pipe")
+    tok = teacher_tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(root / "teacher")
+    tok.save_pretrained(root / "teacher")
+    g = torch.Generator().manual_seed(0)
+    words = ["cat", "dog", "tree", "river", "stone", "cloud", "music", "light", "paper", "green"]
+    with open(root / "chat.jsonl", "w") as f:
+        for i in range(60):
+            pick = lambda n: " ".join(words[j] for j in torch.randint(0, 10, (n,), generator=g).tolist())  # noqa: E731
+            msgs = [{"role": "user", "content": f"Tell me about {pick(3)}"},
+                    {"role": "assistant", "content": f"Sure: {pick(12)}."}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return root
+
+
+def write_config(root, name, **over):
+    cfg = {
+        "name": name, "base": str(root / "teacher"), "data": [{"type": "jsonl", "path": str(root / "chat.jsonl")}],
+        "seq_len": 64, "seed": 0, "device": "cpu",
+        "student": {"num_mla": 2, "kv_rank": 16, "rope_dim": 8, "nope_dim": 8},
+        "ild": {"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 1},
+        "distill": {"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 1},
+        "sensitivity": {"num_seqs": 2, "seq_len": 32, "batch_size": 2},
+        "pairs": {"num_pairs": 4, "max_new_tokens": 6, "batch_size": 4},
+        "dpo": {"lr": 1e-4, "batch_size": 2, "max_len": 64, "ckpt_every": 1},
+        "eval": {"num_seqs": 2, "seq_len": 32, "batch_size": 2},
+    }
+    for k, v in over.items():
+        cfg[k] = v
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "dpo" / "model" / "model.safetensors"))
+
+
+def test_full_run_then_interrupted_run_resumes_to_identical_weights(tiny_setup, monkeypatch, capsys):
+    """An uninterrupted run completes all stages with a report; a run killed inside ILD and inside
+    distillation and then restarted skips what was finished, resumes from checkpoints, and its final
+    (DPO) weights equal the uninterrupted run's."""
+    root = tiny_setup
+    cfg = load_config(write_config(root, "a"))
+    Run(cfg, root / "run-a").run()
+    for s in STAGES[:-1]:
+        assert (root / "run-a" / s / "DONE").exists(), s
+    report = (root / "run-a" / "report.md").read_text()
+    assert "KL to the teacher" in report and "MLA layers" in report
+    smart = json.loads((root / "run-a" / "smart" / "smart.json").read_text())
+    assert len(smart["layers"]) == 2
+
+    run_b = root / "run-b"
+    monkeypatch.setenv("ZEBRA_STOP_AFTER_STEPS", "2")
+    with pytest.raises(KeyboardInterrupt):
+        Run(cfg, run_b).run()  # killed in ild-mla after 2 of 4 steps
+    assert (run_b / "ild-mla" / "checkpoint.pt").exists() and not (run_b / "ild-mla" / "DONE").exists()
+    with pytest.raises(KeyboardInterrupt):
+        Run(cfg, run_b).run()  # resumes ild-mla, finishes it, then is killed in ild-mamba2
+    assert (run_b / "ild-mla" / "DONE").exists()
+    done_mtime = (run_b / "ild-mla" / "DONE").stat().st_mtime
+    monkeypatch.delenv("ZEBRA_STOP_AFTER_STEPS")
+    capsys.readouterr()
+    Run(cfg, run_b).run()
+    out = capsys.readouterr().out
+    assert "init: done, skipping" in out and "ild-mla: done, skipping" in out
+    assert (run_b / "ild-mla" / "DONE").stat().st_mtime == done_mtime
+    a, b = final_weights(root / "run-a"), final_weights(run_b)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+
+
+def test_bad_configs_fail_clearly(tmp_path):
+    """Unknown keys, non-mappings and impossible budgets are refused with a message naming them."""
+    p = tmp_path / "c.yaml"
+    p.write_text("ild: {tokens: 10, lrr: 1}\n")
+    with pytest.raises(ZebraError, match="lrr"):
+        load_config(p)
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ZebraError, match="mapping"):
+        load_config(p)
+    p.write_text("distill: {tokens: 0}\n")
+    with pytest.raises(ZebraError, match="distill.tokens"):
+        load_config(p)
+    with pytest.raises(ZebraError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
