@@ -47,7 +47,7 @@ DEFAULTS = {
                 "grad_checkpointing": False, "warmup_frac": 0.01, "loss_on": "assistant"},
     "pairs": {"num_pairs": 256, "max_new_tokens": 128, "temperature": 1.0, "batch_size": 32},
     "dpo": {"lr": 5e-7, "beta": 0.1, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_len": 1024,
-            "ckpt_every": 50},
+            "ckpt_every": 50, "pairs_file": None},  # pairs_file: your own (prompt, chosen, rejected) JSONL
     "eval": {"num_seqs": 64, "seq_len": 512, "batch_size": 8},
 }
 
@@ -299,6 +299,10 @@ class Run:
 
         st = self.cfg["pairs"]
         d = self.write_stage_config("pairs")
+        if self.cfg["dpo"]["pairs_file"]:  # the user brought preference data: nothing to make
+            from .stages.pairs import read_pairs
+
+            return {"pairs": len(read_pairs(self.cfg["dpo"]["pairs_file"])), "source": self.cfg["dpo"]["pairs_file"]}
         student = self.load(self.stage_dir("distill") / "model").eval()
         kd = []  # prompts from the KD share (the same split the distillation stream uses), never held-out
         for src in self.cfg["data"]:
@@ -321,7 +325,8 @@ class Run:
         reference = self.load(self.stage_dir("distill") / "model").eval()
         for p in reference.parameters():
             p.requires_grad_(False)
-        stream = PairStream(self.tokenizer(), read_pairs(self.stage_dir("pairs") / "pairs.jsonl"), st["batch_size"],
+        pairs_path = st["pairs_file"] or self.stage_dir("pairs") / "pairs.jsonl"
+        stream = PairStream(self.tokenizer(), read_pairs(pairs_path), st["batch_size"],
                             st["max_len"], st["epochs"], self.cfg["seed"])
         tokens = stream.num_batches * stream.tokens_per_batch
         cfg = self.train_config({**st, "warmup_frac": 0.1}, tokens)

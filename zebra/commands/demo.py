@@ -1,11 +1,12 @@
-"""`zebra demo` (what `make demo` runs): the embedded default end to end, smoke scale.
+"""`zebra demo` (what `make demo` runs): the whole pipeline on the embedded default, SMOKE SCALE.
 
-Today: convert the embedded SmolLM2-135M-Instruct teacher into an initialised Zebra hybrid (6 MLA layers
-chosen uniformly, r_kv 64, the other 24 Mamba2), print its KV cache against the teacher's, and let teacher
-and student answer the same chat prompt. The student is *initialised only* (no distillation yet), so its
-answer is expected to be poor: the KL it starts from is recorded in BENCHMARKS.md.
+Runs `zebra run configs/demo.yaml --out runs/demo` (SmolLM2-135M-Instruct teacher, ShareGPT data, 6 MLA
+layers chosen by SMART + 24 Mamba2, r_kv 64: 5% of the teacher's KV cache) with tiny token budgets so it
+finishes in about 15-20 minutes on a 2-core CPU (a GPU is used when present), prints the report (KL to the
+teacher after each stage), and lets the teacher and the final student answer the same prompt. The budgets
+show the mechanics, not a good model: see configs/smollm2-135m-gpu.yaml for a real run. Re-running resumes.
 
-    zebra demo [--out runs/demo] [--prompt "..."]
+    zebra demo [--config configs/demo.yaml] [--out runs/demo] [--prompt "..."]
 """
 
 from __future__ import annotations
@@ -13,33 +14,38 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..errors import ZebraError
+
 DEFAULT_PROMPT = "What are three good reasons to learn to cook at home?"
 
 
+def _default_config() -> Path:
+    return Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+
+
 def add_arguments(p):
-    p.add_argument("--out", default="runs/demo", help="where the demo writes (default runs/demo)")
+    p.add_argument("--config", default=None, help="default: configs/demo.yaml of this checkout")
+    p.add_argument("--out", default="runs/demo")
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--max-new-tokens", type=int, default=40)
 
 
 def run(args) -> int:
-    from ..convert.build import convert, kv_message
     from ..loading import generate_text, load_model
+    from ..pipeline import Run, load_config
 
-    teacher = "smollm2-135m-instruct"
-    out = Path(args.out) / "student-init"
+    cfg_path = Path(args.config) if args.config else _default_config()
+    if not cfg_path.exists():
+        raise ZebraError(f"demo config {cfg_path} not found (pass --config)")
+    cfg = load_config(cfg_path)
     t0 = time.perf_counter()
-    print(f"[1/3] converting {teacher} -> {out} (MLA at 0,6,12,18,24,29, r_kv 64, d_r 32; Mamba2 elsewhere)", flush=True)
-    report = convert(teacher, out, mla_layers="0,6,12,18,24,29", attention_layers="none", kv_rank=64,
-                     rope_dim=32, nope_dim=32, force=True)
-    print("      " + kv_message(report["kv"]), flush=True)
-    print(f"[2/3] teacher answer ({teacher})", flush=True)
-    model, tok = load_model(teacher, dtype="auto")
-    print("   > " + generate_text(model, tok, args.prompt, args.max_new_tokens).replace("\n", "\n     "))
-    del model
-    print(f"[3/3] student answer (initialised, not yet distilled: {out})", flush=True)
-    model, tok = load_model(str(out), dtype="auto")
-    print("   > " + generate_text(model, tok, args.prompt, args.max_new_tokens).replace("\n", "\n     "))
-    print(f"prompt: {args.prompt!r}")
-    print(f"done in {time.perf_counter() - t0:.0f}s. {kv_message(report['kv'])}")
+    print(f"Zebra demo (smoke-scale budgets from {cfg_path}) -> {args.out}", flush=True)
+    report = Run(cfg, args.out).run()
+    print("\n" + report.read_text())
+    final = Path(args.out) / "dpo" / "model"
+    for label, path in (("teacher", cfg["teacher"]), ("Zebra student (after ILD, KD, DPO)", str(final))):
+        model, tok = load_model(path)
+        print(f"[{label}] > " + generate_text(model, tok, args.prompt, args.max_new_tokens).replace("\n", "\n    "))
+        del model
+    print(f"prompt: {args.prompt!r}\ndemo done in {time.perf_counter() - t0:.0f}s; report: {report}")
     return 0
