@@ -19,9 +19,9 @@ from .losses import chunked_kl_from_hidden
 def make_distill_loss(teacher, student, chunk_tokens: int = 2048):
     def loss_fn(batch):
         ids, doc_ids = batch["input_ids"], batch.get("doc_ids")
-        mask = batch["loss_mask"].bool()
-        if "attention_mask" in batch:
-            mask = mask & batch["attention_mask"].bool()
+        # loss_mask marks target tokens (0 at document starts): position t counts when it predicts a target t+1.
+        mask = torch.zeros_like(batch["loss_mask"], dtype=torch.bool)
+        mask[:, :-1] = batch["loss_mask"][:, 1:].bool()
         with torch.no_grad():
             t_h = teacher.model(ids, doc_ids=doc_ids).last_hidden_state
         s_h = student.model(ids, doc_ids=doc_ids).last_hidden_state

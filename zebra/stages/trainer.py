@@ -8,8 +8,9 @@ optimizer, step, data position, RNG states) is written to a temp file and rename
 loses at most the work since the last one and never corrupts it; `fit` resumes from it automatically.
 
 Multi-GPU ready: rank / world size come from torch.distributed when it is initialised (torchrun);
-only rank 0 logs and writes; each rank takes every world-th micro-batch of the stream. The model may be
-wrapped (DDP / FSDP2) by the caller; the loop only needs `parameters()` and the loss function.
+only rank 0 logs and writes checkpoints. The data stream shards itself by rank (PackedStream gives each rank
+every world-th batch), so the loop does not. The model may be wrapped (DDP / FSDP2) by the caller; the
+loop only needs `parameters()` and the loss function.
 """
 
 from __future__ import annotations
