@@ -124,6 +124,8 @@ class Run:
                 p.requires_grad_(False)
             self._teachers[name] = model.to(self.device).eval()
             if self.tok is None:
+                if tok.pad_token is None:
+                    tok.pad_token = tok.eos_token
                 self.tok = tok
         return self._teachers[name]
 

@@ -45,7 +45,8 @@ def run(args) -> int:
     final = Path(args.out) / "dpo" / "model"
     for label, path in (("teacher", cfg["teacher"]), ("Zebra student (after ILD, KD, DPO)", str(final))):
         model, tok = load_model(path)
-        print(f"[{label}] > " + generate_text(model, tok, args.prompt, args.max_new_tokens).replace("\n", "\n    "))
+        text = generate_text(model, tok, args.prompt, args.max_new_tokens) or "(no text: it ended its turn at once)"
+        print(f"[{label}] > " + text.replace("\n", "\n    "))
         del model
     print(f"prompt: {args.prompt!r}\ndemo done in {time.perf_counter() - t0:.0f}s; report: {report}")
     return 0

@@ -23,7 +23,20 @@ def _cu_seqlens(doc_ids):
     return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
 
 
+def _fla_backward_ok(device) -> bool:
+    """fla refuses its gated backward on Hopper with Triton >= 3.4, < 3.7.1 (known wrong results, fla #640)."""
+    import triton
+
+    major, minor, patch = (int(v) for v in (triton.__version__.split(".") + ["0", "0"])[:3])
+    return torch.cuda.get_device_capability(device)[0] != 9 or (major, minor, patch) >= (3, 7, 1)
+
+
 def ssd_scan(x, dt, A, Bm, Cm, initial_state=None, chunk_size=64, doc_ids=None):
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm))
+    if training and not _fla_backward_ok(x.device):  # training falls back to the reference scan
+        from ..ops.ssd import ssd_chunked
+
+        return ssd_chunked(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size, doc_ids=doc_ids)
     Bsz, T, H, P = x.shape
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     g = (dt.float() * A.float()[None, None])  # (B, T, H) log-decay

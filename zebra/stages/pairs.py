@@ -41,6 +41,8 @@ def make_pairs(model, tok, conversations, num_pairs: int, out_path, max_new_toke
     from tqdm import tqdm
 
     items = prompts_and_replies(conversations, num_pairs)
+    if tok.pad_token is None:  # e.g. the GGUF tokenizer under transformers 5.17
+        tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation continues at the right edge
     torch.manual_seed(seed)
     rows = []
