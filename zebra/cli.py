@@ -23,6 +23,8 @@ COMMANDS = {
     "generate": ("generate", "generate text from a teacher or student"),
     "agreement": ("agreement", "KL / top-1 agreement of students vs the teacher on held-out chat text"),
     "demo": ("demo", "the embedded default end to end (what `make demo` runs)"),
+    "eval": ("eval", "zero-/few-shot accuracy with lm-eval's tasks on the offline eval data (+ table, JSON)"),
+    "report": ("report", "report.md + plots (sensitivity, accuracy vs KV, throughput) from a run folder"),
     "run": ("run", "the whole pipeline from one YAML config, resumable"),
     "init": ("stage", "pipeline stage: pure-MLA and pure-Mamba2 initialised students"),
     "ild": ("stage", "pipeline stage: intermediate layer distillation"),
