@@ -78,8 +78,9 @@ wait-run)
     ;;
 eval)
     install_wheels .gpu/c/wheels
-    python3 -m zebra.cli eval --model smollm2-135m-instruct --model "$RUN/dpo/model" \
-        --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,openbookqa,mmlu --json "$OUT/eval.json" 2>&1 | tail -30
+    models=""; for m in ${EVAL_MODELS:-smollm2-135m-instruct $RUN/dpo/model}; do [ -e "$m" ] || [ "$m" = smollm2-135m-instruct ] && models="$models --model $m"; done
+    (cd "$CODE" && timeout "${EVAL_S:-420}" python3 -m zebra.cli eval $models \
+        --tasks arc_easy,arc_challenge,hellaswag,piqa,winogrande,openbookqa,mmlu --json "$OUT/eval.json" 2>&1) | tail -30
     ;;
 *)
     echo "usage: $0 setup-a|setup-b|start-run|wait-run|eval" >&2
