@@ -119,9 +119,14 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plots = out / "plots"
     found = find_results(root, skip=plots)
     md = [f"# Zebra report: {root}", ""]
+    pipeline_run = (root / "run_config.json").exists()
+    if pipeline_run:  # a `zebra run` folder: its own report first (it has the sensitivity section)
+        from ..stages.report import render_report
+
+        md = render_report(root).splitlines() + [""]
 
     # Fig. 3: per-layer sensitivity
-    if found["sensitivity"]:
+    if found["sensitivity"] and not pipeline_run:
         md += ["## Per-layer sensitivity (Fig. 3)", ""]
         for i, (path, data) in enumerate(found["sensitivity"]):
             smart = _nearest(path, found["smart"])
@@ -180,7 +185,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
             md.append(f"| {r.get('variant')} | {r.get('gen_len')} | {'-' if tps is None else f'{float(tps):.1f}'} |")
         md.append("")
 
-    if len(md) == 2:
+    if len(md) == 2 and not pipeline_run:
         md += ["Nothing to report yet: no sensitivity.json, eval JSON, agreement JSON or bench*.json under this folder.", ""]
         _say(f"no results found under {root}")
     out.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,14 @@ def _loss_curves(run: Path, out: Path) -> bool:
 
 
 def write_report(run_dir, cfg: dict | None = None) -> Path:
+    """The pipeline's report plus any evaluations / benchmarks found in the run folder (zebra report)."""
+    from ..commands.report import write_report as write_full
+
+    return write_full(run_dir)
+
+
+def render_report(run_dir, cfg: dict | None = None) -> str:
+    """The pipeline part of report.md (KL per stage, layers, KV, training, sensitivity, loss curves)."""
     run = Path(run_dir)
     cfg = cfg or _read(run / "run_config.json") or {}
     s = {name: _read(run / name / "summary.json") or {} for name in
@@ -81,6 +89,4 @@ def write_report(run_dir, cfg: dict | None = None) -> Path:
                   "| s_i | " + " | ".join(f"{v:.3f}" for v in sens["scores"]) + " |"]
     if _loss_curves(run, run / "loss_curves.png"):
         lines += ["", "## Loss curves", "", "![loss curves](loss_curves.png)"]
-    path = run / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return "\n".join(lines) + "\n"
