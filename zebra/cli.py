@@ -21,6 +21,7 @@ COMMANDS = {
     "smart": ("smart", "choose the MLA layers from per-layer sensitivity scores (SMART, Algorithm 2)"),
     "assets": ("assets", "fetch / show the offline assets (teacher, chat data, eval data)"),
     "generate": ("generate", "generate text from a teacher or student"),
+    "chat": ("chat", "interactive chat with a model, streaming"),
     "agreement": ("agreement", "KL / top-1 agreement of students vs the teacher on held-out chat text"),
     "demo": ("demo", "the embedded default end to end (what `make demo` runs)"),
     "eval": ("eval", "zero-/few-shot accuracy with lm-eval's tasks on the offline eval data (+ table, JSON)"),

@@ -1,0 +1,35 @@
+"""`zebra chat` on a tiny random hybrid: streams a reply per turn, keeps the history across turns (the second
+prompt contains the first exchange), /reset forgets it, /exit ends with code 0."""
+
+import io
+
+import torch
+
+from zebra import ZebraConfig, ZebraForCausalLM
+from zebra.cli import main
+
+
+def test_chat_turns_history_and_reset(tmp_path, teacher_tokenizer, monkeypatch, capsys):
+    tok = teacher_tokenizer
+    torch.manual_seed(0)
+    cfg = ZebraConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, mixer_types=["mla", "mamba2"], kv_lora_rank=8,
+                      qk_rope_head_dim=4, eos_token_id=tok.eos_token_id)
+    ZebraForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    prompts = []
+    real_apply = type(tok).apply_chat_template
+
+    def spy(self, conversation, *a, **kw):
+        prompts.append([m["content"] for m in conversation])
+        return real_apply(self, conversation, *a, **kw)
+
+    monkeypatch.setattr(type(tok), "apply_chat_template", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nsecond turn\n/reset\nthird\n/exit\n"))
+    assert main(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "4", "--temperature", "0",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    turns = [p for p in prompts if p and p[-1] in ("hello there", "second turn", "third")]
+    assert [p[-1] for p in turns] == ["hello there", "second turn", "third"]
+    assert turns[1][0] == "hello there" and len(turns[1]) == 3  # user, assistant, user
+    assert turns[2] == ["third"]  # after /reset
+    assert "conversation reset" in capsys.readouterr().out
