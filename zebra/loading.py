@@ -61,14 +61,29 @@ def chat_prompt(tok, text: str, system: str | None = None) -> str:
     return text
 
 
+def fast_path_kwargs(model, fast: str = "auto") -> dict:
+    """generate() options for the static-cache / CUDA-graph engine: used for Zebra models on a GPU ("auto"),
+    always ("on": also on CPU, without the graph) or never ("off")."""
+    from .model.hybrid import ZebraForCausalLM
+
+    if fast not in ("auto", "on", "off"):
+        raise ZebraError(f"fast must be auto, on or off, got {fast!r}")
+    is_zebra = isinstance(model, ZebraForCausalLM)
+    if fast == "on" and not is_zebra:
+        raise ZebraError("the fast path (static cache + CUDA graph) is for Zebra models; this is a "
+                         f"{type(model).__name__}")
+    use = is_zebra and (fast == "on" or (fast == "auto" and model.device.type == "cuda"))
+    return {"cache_implementation": "static"} if use else {}
+
+
 @torch.no_grad()
 def generate_text(model, tok, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                  chat: bool = True, seed: int = 0) -> str:
+                  chat: bool = True, seed: int = 0, fast: str = "auto") -> str:
     text = chat_prompt(tok, prompt) if chat else prompt
     enc = tok(text, return_tensors="pt", add_special_tokens=not chat).to(model.device)
     torch.manual_seed(seed)
     sample = temperature > 0
     out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=sample,
                          temperature=temperature if sample else None, top_p=None, top_k=None,
-                         pad_token_id=tok.pad_token_id)
+                         pad_token_id=tok.pad_token_id, **fast_path_kwargs(model, fast))
     return tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()

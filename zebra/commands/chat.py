@@ -5,7 +5,8 @@
     A zebra is ...
     > /reset      (forget the conversation)      > /exit   (or Ctrl-D)
 
-Uses the tokenizer's chat template over the whole history, and transformers' generate with the hybrid cache.
+Uses the tokenizer's chat template over the whole history and transformers' generate; for a Zebra model on a
+GPU, the static-cache / CUDA-graph engine (zebra.generation) behind it (--fast off: the dynamic cache).
 """
 
 from __future__ import annotations
@@ -20,15 +21,18 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
+    p.add_argument("--fast", default="auto", choices=["auto", "on", "off"],
+                   help="static cache + CUDA-graph decode: auto = for Zebra models on a GPU (default)")
 
 
 def run(args) -> int:
     import torch
     from transformers import TextStreamer
 
-    from ..loading import load_model
+    from ..loading import fast_path_kwargs, load_model
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
+    fast = fast_path_kwargs(model, args.fast)
     history = [{"role": "system", "content": args.system}] if args.system else []
     start = list(history)
     interactive = sys.stdin.isatty()
@@ -54,6 +58,6 @@ def run(args) -> int:
         with torch.no_grad():
             out = model.generate(**enc, streamer=streamer, max_new_tokens=args.max_new_tokens, do_sample=sample,
                                  temperature=args.temperature if sample else None, top_p=None, top_k=None,
-                                 pad_token_id=tok.pad_token_id)
+                                 pad_token_id=tok.pad_token_id, **fast)
         reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
         history.append({"role": "assistant", "content": reply})

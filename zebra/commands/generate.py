@@ -17,6 +17,8 @@ def add_arguments(p):
     p.add_argument("--raw", action="store_true", help="no chat template: continue the prompt as plain text")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16")
     p.add_argument("--device", default=None)
+    p.add_argument("--fast", default="auto", choices=["auto", "on", "off"],
+                   help="static cache + CUDA-graph decode: auto = for Zebra models on a GPU (default)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -25,7 +27,8 @@ def run(args) -> int:
 
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
-    text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw, seed=args.seed)
+    text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw, seed=args.seed,
+                         fast=args.fast)
     dt = time.perf_counter() - t0
     print(text)
     print(f"[{args.max_new_tokens} new tokens max in {dt:.1f}s]", flush=True)

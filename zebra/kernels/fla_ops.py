@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from fla.modules.causal_conv1d import causal_conv1d as fla_conv
-from fla.ops.simple_gla import chunk_simple_gla
+from fla.ops.simple_gla import chunk_simple_gla, parallel_simple_gla
 
 
 def _cu_seqlens(doc_ids):
@@ -33,15 +33,22 @@ def _fla_backward_ok(device) -> bool:
 
 def ssd_scan(x, dt, A, Bm, Cm, initial_state=None, chunk_size=64, doc_ids=None):
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, dt, A, Bm, Cm))
-    if training and not _fla_backward_ok(x.device):  # training falls back to the reference scan
-        from ..ops.ssd import ssd_chunked
-
-        return ssd_chunked(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size, doc_ids=doc_ids)
     Bsz, T, H, P = x.shape
     dtype = x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.float32
     g = (dt.float() * A.float()[None, None])  # (B, T, H) log-decay
     k = (Bm.float() * dt.float()[..., None]).to(dtype)
     q, v = Cm.to(dtype), x.to(dtype)
+    if training and not _fla_backward_ok(x.device):
+        # fla's chunked gated backward is wrong on this Hopper / Triton pair (fla #640); its parallel
+        # (flash-attention-like, quadratic within a sequence) simple-GLA kernels have their own backward.
+        if initial_state is not None:
+            from ..ops.ssd import ssd_chunked
+
+            return ssd_chunked(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size, doc_ids=doc_ids)
+        cu = _cu_seqlens(doc_ids if doc_ids is not None else torch.zeros(Bsz, T, dtype=torch.long, device=x.device))
+        flat = lambda t: t.reshape(1, Bsz * T, *t.shape[2:])  # noqa: E731
+        y, _ = parallel_simple_gla(flat(q), flat(k), flat(v), flat(g), scale=1.0, cu_seqlens=cu.long())
+        return y.reshape(Bsz, T, H, P).float(), None
     if doc_ids is not None:
         if initial_state is not None:
             raise NotImplementedError("packed documents with an initial state")

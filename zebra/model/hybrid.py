@@ -252,6 +252,17 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                       hidden_states=out.hidden_states)
 
+    def generate(self, inputs=None, generation_config=None, **kwargs):
+        """transformers' generate, or with cache_implementation="static" (argument or generation config) the
+        static-cache / CUDA-graph engine of zebra.generation (greedy or temperature / top_p sampling)."""
+        impl = kwargs.get("cache_implementation") or getattr(generation_config or self.generation_config,
+                                                             "cache_implementation", None)
+        if impl == "static":
+            from ..generation.fast import fast_generate
+
+            return fast_generate(self, inputs, generation_config, **kwargs)
+        return super().generate(inputs, generation_config=generation_config, **kwargs)
+
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       inputs_embeds=None, use_cache=True, **kwargs):
         # Our own, so generate's cache handling (which changes between transformers versions) never

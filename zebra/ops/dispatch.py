@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import conv, ssd
+from . import conv, decode, ssd
 
 _BACKEND = os.environ.get("ZEBRA_BACKEND", "auto")
 _KERNELS: dict[str, object] = {}  # op name -> callable, filled by zebra.kernels (lazily)
@@ -72,3 +72,16 @@ def causal_conv1d(x, weight, bias, state=None, doc_ids=None, backend=None):
     if fn is not None:
         return fn(x, weight, bias, state, doc_ids=doc_ids)
     return conv.causal_conv1d(x, weight, bias, state, doc_ids=doc_ids)
+
+
+def mamba2_step(xBC, conv_ring, pos, conv_w, conv_b, dt, dt_bias, A_log, D, ssm_state, n_kv, headdim, d_state,
+                backend=None):
+    """One decode token of a Mamba2 layer (conv ring + state updated in place). Shapes in zebra/ops/decode.py."""
+    fn = _kernel("mamba2_step", xBC, backend) or decode.mamba2_step
+    return fn(xBC, conv_ring, pos, conv_w, conv_b, dt, dt_bias, A_log, D, ssm_state, n_kv, headdim, d_state)
+
+
+def decode_attention(q, k, v, kv_start, kv_len, scale, backend=None):
+    """One query per head over cached rows [kv_start, kv_len) (GQA or absorbed MLA). Shapes in zebra/ops/decode.py."""
+    fn = _kernel("decode_attention", q, backend) or decode.decode_attention
+    return fn(q, k, v, kv_start, kv_len, scale)

@@ -1,0 +1,107 @@
+"""The static-cache engine (zebra.generation) against the reference model on tiny fp32 hybrids (CPU: reference
+ops, no graph): per-step logits equal one full forward, greedy tokens equal transformers' generate with the
+dynamic cache, left padding, the Mamba2 conv ring after short prompts, and its errors."""
+
+import pytest
+import torch
+
+from test_model import LAYOUTS, tiny_model
+from zebra.errors import ZebraError
+from zebra.generation import StaticEngine
+
+ALL = {**LAYOUTS, "all-types": ["mamba2", "mla", "attention", "mla", "mamba2"]}
+
+
+@pytest.mark.parametrize("layout", list(ALL))
+@pytest.mark.parametrize("prompt_len", [1, 2, 7])
+def test_engine_steps_equal_full_forward(layout, prompt_len):
+    """Prefill + static decode steps give the logits of one full forward at every position, including prompts
+    shorter than the conv window (the ring's slots before position 0 must read as zeros)."""
+    model = tiny_model(ALL[layout], qk_norm=False)
+    ids = torch.randint(0, 97, (2, prompt_len + 6), generator=torch.Generator().manual_seed(prompt_len))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        eng = StaticEngine(model, batch_size=2, max_len=32, cuda_graph=False)
+        got = [eng.prefill(ids[:, :prompt_len])]
+        for t in range(prompt_len, ids.shape[1] - 1):
+            got.append(eng.step(ids[:, t]).clone())
+    torch.testing.assert_close(torch.stack(got, 1), full[:, prompt_len - 1:-1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["all-types", "attention", "mla", "mamba2"])
+def test_static_generate_equals_reference_generate_left_padded(layout):
+    """model.generate(cache_implementation="static") == the dynamic-cache generate, on a left-padded batch."""
+    model = tiny_model(ALL[layout])
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randint(1, 97, (1, 9), generator=g), torch.randint(1, 97, (1, 4), generator=g)
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    fast = model.generate(ids, cache_implementation="static", **kw)
+    assert fast.tolist() == ref.tolist()
+    assert model._zebra_engines[2].L == 256  # one engine per batch size, length rounded up
+
+
+def test_engine_stops_at_eos_and_pads_finished_rows():
+    model = tiny_model(ALL["all-types"])
+    ids = torch.randint(1, 97, (2, 5), generator=torch.Generator().manual_seed(6))
+    eng = StaticEngine(model, 2, 64, cuda_graph=False)
+    free = eng.generate(ids, max_new_tokens=12)
+    eos = int(free[0, 7])  # row 0's third new token becomes "end of sequence"
+    out = eng.generate(ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=0)
+    assert out[0, :8].tolist() == free[0, :8].tolist()
+    assert set(out[0, 8:].tolist()) <= {0}
+    row1 = free[1, 5:].tolist()
+    if eos not in row1:
+        assert out[1].tolist() == free[1].tolist()  # an unfinished row runs to max_new_tokens
+
+
+def test_sampling_is_seeded_and_top_p_restricts_to_the_nucleus():
+    model = tiny_model(ALL["mamba2"])
+    ids = torch.randint(1, 97, (2, 4), generator=torch.Generator().manual_seed(7))
+    eng = StaticEngine(model, 2, 64, cuda_graph=False)
+    s1 = eng.generate(ids, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(1))
+    s2 = eng.generate(ids, max_new_tokens=8, do_sample=True, generator=torch.Generator().manual_seed(1))
+    assert s1.tolist() == s2.tolist()
+    greedy = eng.generate(ids, max_new_tokens=8)
+    tiny_p = eng.generate(ids, max_new_tokens=8, do_sample=True, top_p=1e-6, generator=torch.Generator().manual_seed(2))
+    assert tiny_p.tolist() == greedy.tolist()  # a vanishing nucleus keeps only the top token
+
+
+def test_engine_errors():
+    model = tiny_model(ALL["all-types"])
+    eng = StaticEngine(model, 2, 8, cuda_graph=False)
+    with pytest.raises(ZebraError, match="batch"):
+        eng.prefill(torch.ones(3, 2, dtype=torch.long))
+    with pytest.raises(ZebraError, match="does not fit"):
+        eng.prefill(torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(ZebraError, match="left padding"):
+        eng.prefill(torch.ones(2, 3, dtype=torch.long), torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    with pytest.raises(ZebraError, match="exceeds"):
+        eng.generate(torch.ones(2, 4, dtype=torch.long), max_new_tokens=5)
+    with pytest.raises(ZebraError, match="outside"):
+        eng.set_context_length(8)
+    eng.set_context_length(7)
+    eng.step(torch.ones(2, dtype=torch.long))
+    with pytest.raises(ZebraError, match="full"):
+        eng.step(torch.ones(2, dtype=torch.long))
+    with pytest.raises(ZebraError, match="num_beams"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, num_beams=2, cache_implementation="static")
+    with pytest.raises(ZebraError, match="does not support"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, repetition_penalty=1.3,
+                       cache_implementation="static")
+
+
+def test_cache_bytes_count_every_buffer():
+    model = tiny_model(ALL["all-types"])  # mamba2, mla, attention, mla, mamba2; fp32
+    B, L = 3, 16
+    eng = StaticEngine(model, B, L, cuda_graph=False)
+    cfg = model.config
+    H, G, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    conv_dim = cfg.mamba_d_inner + 2 * cfg.mamba_d_xb
+    mamba = B * conv_dim * cfg.mamba_d_conv * 4 + B * H * D * D * 4
+    mla = B * L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
+    attn = 2 * B * G * L * D * 4
+    assert eng.cache_nbytes() == 2 * mamba + 2 * mla + attn

@@ -1,0 +1,293 @@
+"""Static-cache decoding with an optional CUDA graph: the fast generation path (SPEC 2, 3.2; issue "GPU fast path").
+
+The dynamic ZebraCache grows by concatenation, so every step allocates and copies. StaticEngine instead
+preallocates, for a fixed batch size and maximum length, everything a decode step touches:
+
+  attention  k, v     (B, n_kv, L, d_h)            written at slot `pos`, read over [kv_start, kv_len)
+  mla        kv       (B, L, r_kv + d_r)           one latent row [c_kv | RoPE(k_R)] per token (SPEC 2)
+  mamba2     conv     (B, conv_dim, d_conv) ring   slot pos % d_conv holds the newest conv input
+             ssm      (B, H, P, N) fp32            updated in place
+
+All rows share one slot index `pos` (prompts are left-padded to one length); kv_start (B,) counts each row's
+left padding, so row b attends to slots [kv_start[b], pos] and its RoPE position is pos - kv_start[b]. `pos`,
+kv_start and kv_len live in GPU memory, so one decode step has no host synchronisation and no allocation
+that changes between steps: it is captured once as a CUDA graph and replayed (cuda_graph=True).
+
+A decode step runs the model's own modules (projections, norms, MLPs) and two ops from zebra.ops.dispatch:
+  decode_attention  softmax attention of one query per head over the cached rows. GQA: per KV group.
+                    MLA: absorbed (W_UK folded into the query, W_UV into the output), all heads over the
+                    latent rows, which are read once for all heads.
+  mamba2_step       conv-ring update, SiLU, dt softplus, in-place state update, C readout and D skip.
+On CUDA these are Triton kernels (zebra/kernels/decode.py); elsewhere the PyTorch references.
+
+Prefill runs the ordinary model forward (SDPA / the chunked scan) with a dynamic cache, then copies its
+states into the static buffers.
+
+    eng = StaticEngine(model, batch_size=4, max_len=2048)
+    out = eng.generate(input_ids, attention_mask, max_new_tokens=256)      # (B, T + new) token ids
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ZebraError
+from ..model.cache import ZebraCache
+from ..model.common import apply_rope
+from ..ops import dispatch
+
+
+class StaticEngine:
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None):
+        if batch_size < 1 or max_len < 2:
+            raise ZebraError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
+        self.model = model.eval()
+        self.config = cfg = model.config
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.B, self.L = batch_size, max_len
+        self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
+        if self.cuda_graph and self.device.type != "cuda":
+            raise ZebraError("cuda_graph=True needs the model on a CUDA device")
+        B, L, dev, dt = batch_size, max_len, self.device, self.dtype
+        self.layers = model.model.layers
+        self.cache: list[dict[str, torch.Tensor]] = []
+        for layer in self.layers:
+            if layer.mixer_type == "attention":
+                a = layer.self_attn
+                shape = (B, a.n_kv, L, a.head_dim)
+                self.cache.append({"k": torch.zeros(shape, device=dev, dtype=dt), "v": torch.zeros(shape, device=dev, dtype=dt)})
+            elif layer.mixer_type == "mla":
+                m = layer.self_attn
+                w = m.kv_b_proj.weight.view(m.n_kv, m.d_nope + m.d_v, m.r_kv)
+                self.cache.append({
+                    "kv": torch.zeros(B, L, m.r_kv + m.d_r, device=dev, dtype=dt),
+                    "w_uk": w[:, : m.d_nope].contiguous(),  # (G, d_nope, R): folded into the query
+                    "w_uv": w[:, m.d_nope:].contiguous(),  # (G, d_v, R): folded into the output
+                })
+            else:
+                m = layer.mamba
+                self.cache.append({
+                    "conv": torch.zeros(B, m.conv_dim, m.d_conv, device=dev, dtype=dt),
+                    "ssm": torch.zeros(B, m.n_heads, m.headdim, m.d_state, device=dev, dtype=torch.float32),
+                })
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # slot of the token being decoded
+        self.kv_start = torch.zeros(B, dtype=torch.int32, device=dev)
+        self.kv_len = torch.ones(B, dtype=torch.int32, device=dev)
+        self.tokens = torch.zeros(B, dtype=torch.long, device=dev)  # the step's input (static for the graph)
+        self.logits: torch.Tensor | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.length = 0  # host-side mirror of pos (slots in use), for bounds checks only
+        if self.cuda_graph:
+            self._capture()
+
+    # ---- sizes ----------------------------------------------------------------------------------------
+    def cache_nbytes(self) -> int:
+        keys = ("k", "v", "kv", "conv", "ssm")
+        return sum(t.numel() * t.element_size() for c in self.cache for k, t in c.items() if k in keys)
+
+    # ---- state ----------------------------------------------------------------------------------------
+    def reset(self):
+        for c in self.cache:
+            for k in ("k", "v", "kv", "conv", "ssm"):
+                if k in c:
+                    c[k].zero_()
+        self.pos.zero_()
+        self.kv_start.zero_()
+        self.length = 0
+
+    def set_context_length(self, s: int):
+        """Benchmarks: pretend s tokens are cached (contents as they are), so a step at context s can be timed."""
+        if not 0 <= s < self.L:
+            raise ZebraError(f"context length {s} outside [0, {self.L})")
+        self.pos.fill_(s)
+        self.kv_start.zero_()
+        self.length = s
+
+    # ---- prefill --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """Run the prompt (B, T) through the model's ordinary forward, copy its states into the static cache,
+        and return the last position's logits (B, V). Prompts must be left-padded (attention_mask 0 first)."""
+        B, T = input_ids.shape
+        if B != self.B:
+            raise ZebraError(f"engine built for batch {self.B}, got a prompt batch of {B}")
+        if T >= self.L:
+            raise ZebraError(f"prompt of {T} tokens does not fit max_len {self.L} (room is needed to generate)")
+        if attention_mask is not None:
+            am = attention_mask.to(self.device)
+            if bool((am[:, 1:] < am[:, :-1]).any()):
+                raise ZebraError("only left padding is supported (attention_mask must be 0...0 1...1 per row)")
+            if bool((am.sum(-1) == 0).any()):
+                raise ZebraError("a prompt row is all padding")
+            pad = (T - am.sum(-1)).to(torch.int32)
+        else:
+            am, pad = None, torch.zeros(B, dtype=torch.int32, device=self.device)
+        self.reset()
+        dyn = ZebraCache(self.config)
+        out = self.model(input_ids=input_ids.to(self.device), attention_mask=am, past_key_values=dyn,
+                         use_cache=True, logits_to_keep=1)
+        for i, layer in enumerate(self.layers):
+            c = self.cache[i]
+            if layer.mixer_type == "attention":
+                c["k"][:, :, :T] = dyn.get(i, "k")
+                c["v"][:, :, :T] = dyn.get(i, "v")
+            elif layer.mixer_type == "mla":
+                R = layer.self_attn.r_kv
+                c["kv"][:, :T, :R] = dyn.get(i, "c_kv")
+                c["kv"][:, :T, R:] = dyn.get(i, "k_rope")
+            else:
+                K = layer.mamba.d_conv
+                conv = dyn.get(i, "conv")  # (B, C, K-1): inputs T-K+1 .. T-1, oldest first
+                for j in range(K - 1):
+                    c["conv"][:, :, (T - K + 1 + j) % K] = conv[:, :, j]
+                c["ssm"].copy_(dyn.get(i, "ssm"))
+        self.pos.fill_(T)
+        self.kv_start.copy_(pad)
+        self.length = T
+        return out.logits[:, -1]
+
+    # ---- one decode step ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode one token per row: tokens (B,) -> logits (B, V) (a view of a static buffer when a graph is
+        used: copy it if you keep it past the next step)."""
+        if self.length >= self.L:
+            raise ZebraError(f"the static cache is full ({self.L} tokens)")
+        self.tokens.copy_(tokens)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.logits = self._step()
+        self.length += 1
+        return self.logits
+
+    def _step(self) -> torch.Tensor:
+        B = self.B
+        self.kv_len.copy_((self.pos + 1).to(torch.int32).expand(B))
+        pos_ids = (self.pos - self.kv_start.long())[:, None]  # (B, 1) RoPE positions (padding not counted)
+        mm = self.model.model
+        h = mm.embed_tokens(self.tokens)[:, None]  # (B, 1, d)
+        rope = {}
+        for layer, c in zip(self.layers, self.cache):
+            x = layer.input_layernorm(h)
+            if layer.mixer_type == "mamba2":
+                x = self._mamba2(layer.mamba, x, c)
+            else:
+                t = layer.mixer_type
+                if t not in rope:
+                    rope[t] = (mm.rotary if t == "attention" else mm.rotary_mla)(pos_ids, x.dtype)
+                x = (self._attention if t == "attention" else self._mla)(layer.self_attn, x, rope[t], c)
+            h = h + x
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        logits = self.model.lm_head(mm.norm(h))[:, 0]
+        self.pos.add_(1)
+        return logits
+
+    def _attention(self, a, x, rope, c):
+        B = self.B
+        q = a.q_proj(x).view(B, 1, a.n_heads, a.head_dim)
+        k = a.k_proj(x).view(B, 1, a.n_kv, a.head_dim)
+        v = a.v_proj(x).view(B, 1, a.n_kv, a.head_dim)
+        if a.q_norm is not None:
+            q, k = a.q_norm(q), a.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        c["k"].index_copy_(2, self.pos, k.transpose(1, 2))
+        c["v"].index_copy_(2, self.pos, v.transpose(1, 2))
+        q = q.view(B, a.n_kv, a.n_heads // a.n_kv, a.head_dim)  # (B, G, heads per group, D)
+        o = dispatch.decode_attention(q, c["k"], c["v"], self.kv_start, self.kv_len, a.scale)  # (B, G, M, D)
+        return a.o_proj(o.reshape(B, 1, a.n_heads * a.head_dim))
+
+    def _mla(self, m, x, rope, c):
+        B, R = self.B, m.r_kv
+        q_nope, q_rope = m._queries(x)  # (B, 1, H, d_nope), (B, 1, H, d_r)
+        q_rope = apply_rope(q_rope, *rope)
+        c_kv, k_rope = m.kv_a_proj_with_mqa(x).split([R, m.d_r], dim=-1)
+        k_rope = apply_rope(k_rope[:, :, None], *rope)[:, :, 0]
+        c["kv"].index_copy_(1, self.pos, torch.cat([c_kv, k_rope], dim=-1))
+        G, rep = m.n_kv, m.n_heads // m.n_kv
+        q_lat = torch.einsum("bgjd,gdr->bgjr", q_nope.reshape(B, G, rep, m.d_nope), c["w_uk"])  # (B, G, rep, R)
+        q = torch.cat([q_lat.reshape(B, 1, m.n_heads, R), q_rope.reshape(B, 1, m.n_heads, m.d_r)], dim=-1)
+        kv = c["kv"][:, None]  # (B, 1, L, R + d_r): one latent row for every head
+        o_lat = dispatch.decode_attention(q, kv, kv[..., :R], self.kv_start, self.kv_len, m.scale)  # (B, 1, H, R)
+        o = torch.einsum("bgjr,gvr->bgjv", o_lat.view(B, G, rep, R), c["w_uv"])  # (B, G, rep, d_v)
+        if m.kv_b_proj.bias is not None:
+            o = o + m.kv_b_proj.bias.view(G, m.d_nope + m.d_v)[:, m.d_nope:][:, None]
+        return m.o_proj(o.reshape(B, 1, m.n_heads * m.d_v))
+
+    def _mamba2(self, m, x, c):
+        B = self.B
+        z, xBC, dt = m.in_proj(x[:, 0]).split([m.d_inner, m.conv_dim, m.n_heads], dim=-1)
+        y = dispatch.mamba2_step(xBC, c["conv"], self.pos, m.conv1d.weight[:, 0], m.conv1d.bias, dt, m.dt_bias,
+                                 m.A_log, m.D, c["ssm"], m.n_kv, m.headdim, m.d_state)  # (B, H, P) fp32, D skip in
+        y = y.to(x.dtype).reshape(B, 1, m.d_inner)
+        return m.out_proj(m.norm(y, z[:, None]))
+
+    # ---- CUDA graph -----------------------------------------------------------------------------------
+    def _capture(self):
+        """Warm up (Triton compiles, cuBLAS picks algorithms) on a side stream, then capture one step."""
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s), torch.no_grad():
+            for _ in range(3):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), torch.no_grad():
+            self.logits = self._step()
+        self.reset()  # warm-up and capture wrote into the cache
+
+    # ---- generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float | None = None, eos_token_id=None, pad_token_id=None,
+                 streamer=None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompt (B, T) -> (B, T + n) token ids (n <= max_new_tokens: stops when every row has ended; ended
+        rows are filled with pad_token_id). Greedy by default; sampling with temperature / top_p."""
+        T = input_ids.shape[1]
+        if T + max_new_tokens > self.L:
+            raise ZebraError(f"prompt {T} + {max_new_tokens} new tokens exceeds the engine's max_len {self.L}")
+        eos = torch.tensor(sorted(_as_set(eos_token_id)), device=self.device, dtype=torch.long)
+        pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+        logits = self.prefill(input_ids, attention_mask)
+        done = torch.zeros(self.B, dtype=torch.bool, device=self.device)
+        out = [input_ids.to(self.device)]
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        for i in range(max_new_tokens):
+            nxt = _pick(logits, do_sample, temperature, top_p, generator)
+            nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+            out.append(nxt[:, None])
+            if streamer is not None:
+                streamer.put(nxt.cpu())
+            if len(eos):
+                done |= torch.isin(nxt, eos)
+                if (i % 8 == 7 or streamer is not None or self.B == 1) and bool(done.all()):
+                    break
+            if i + 1 < max_new_tokens:
+                logits = self.step(nxt)
+        if streamer is not None:
+            streamer.end()
+        return torch.cat(out, dim=1)
+
+
+def _as_set(eos) -> set[int]:
+    if eos is None:
+        return set()
+    if isinstance(eos, int):
+        return {eos}
+    return {int(e) for e in eos}
+
+
+def _pick(logits, do_sample, temperature, top_p, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    probs = F.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sp, idx = probs.sort(dim=-1, descending=True)
+        keep = sp.cumsum(-1) - sp < top_p  # the smallest prefix whose mass reaches top_p
+        sp = sp * keep
+        choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=generator)
+        return idx.gather(-1, choice)[:, 0]
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
