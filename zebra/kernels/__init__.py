@@ -1,11 +1,21 @@
 """GPU kernels, imported lazily by zebra.ops.dispatch (never on a CPU-only path); each registers itself
-into dispatch._KERNELS under the op name it replaces. Needs the optional extra: pip install 'zebra[cuda]'.
+into dispatch._KERNELS under the op name it replaces. Needs triton (shipped with CUDA builds of torch);
+the training / prefill scan also needs the optional extra: pip install 'zebra[cuda]' (fla-core).
 
-    ssd_scan        fla-core's chunk_simple_gla (pure Triton): Mamba2's SSD as gated linear attention
-    causal_conv1d   fla-core's Triton causal conv1d (varlen for packed documents)
+    decode_attention  zebra.kernels.decode: split-K decode attention (GQA, absorbed MLA latent rows)
+    mamba2_step       zebra.kernels.decode: the fused Mamba2 decode step
+    ssd_scan          fla-core's chunk_simple_gla (pure Triton): Mamba2's SSD as gated linear attention
+    causal_conv1d     fla-core's Triton causal conv1d (varlen for packed documents)
 """
 
 from ..ops import dispatch
-from . import fla_ops
+from . import decode
 
-dispatch._KERNELS.update(fla_ops.KERNELS)
+dispatch._KERNELS.update(decode.KERNELS)
+try:
+    from . import fla_ops
+except ImportError as e:  # decode kernels stay usable; training / prefill use the reference scan
+    MISSING_FLA = str(e)
+else:
+    MISSING_FLA = None
+    dispatch._KERNELS.update(fla_ops.KERNELS)
