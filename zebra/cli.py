@@ -34,6 +34,7 @@ COMMANDS = {
     "dpo": ("stage", "pipeline stage: DPO with the distilled student as reference"),
     "compose": ("compose", "compose a hybrid from an all-MLA and an all-Mamba2 model"),
     "make-pairs": ("make_pairs", "DPO pairs: dataset reply vs the model's own sample"),
+    "bench": ("bench", "throughput / memory / roofline benchmarks (decode, batch, prefill, training)"),
 }
 
 

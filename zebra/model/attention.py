@@ -44,5 +44,6 @@ class Attention(nn.Module):
             k, v = cache.append(self.layer_idx, k=k, v=v)  # (B, G, S, D)
         rep = self.n_heads // self.n_kv
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, S, D)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)  # (B, H, T, D)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and T > 1,
+                                           scale=self.scale)  # (B, H, T, D); no bias: causal, nothing cached
         return self.o_proj(o.transpose(1, 2).reshape(Bsz, T, -1))

@@ -141,7 +141,10 @@ class ZebraModel(ZebraPreTrainedModel):
                 position_ids = torch.arange(past, S, device=device)[None].expand(B, T)
         # From the layers, not the config: stages swap layers in place (mixer_types overrides for that).
         types = set(mixer_types) if mixer_types is not None else {layer.mixer_type for layer in self.layers}
-        bias = attention_bias(attention_mask, T, S, dtype, device) if types & {"mla", "attention"} else None
+        if attention_mask is None and doc_ids is None and past == 0:
+            bias = None  # plain causal: the mixers pass is_causal to SDPA (flash kernels, no T x S mask)
+        else:
+            bias = attention_bias(attention_mask, T, S, dtype, device) if types & {"mla", "attention"} else None
         if bias is not None and doc_ids is not None:
             same = doc_ids[:, None, :, None] == doc_ids[:, None, None, :]  # (B, 1, T, T)
             bias = bias.masked_fill(~same, torch.finfo(dtype).min)

@@ -76,8 +76,9 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, d_nope + d_r)
         v = v.repeat_interleave(rep, dim=2)  # (B, S, H, d_v)
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=self.scale
-        )  # (B, H, T, d_v)
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
+            is_causal=bias is None and q.shape[1] > 1, scale=self.scale,
+        )  # (B, H, T, d_v); no bias: plain causal (nothing cached, no padding)
         return o.transpose(1, 2)  # (B, T, H, d_v)
 
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, bias):
@@ -92,6 +93,8 @@ class MLA(nn.Module):
         scores = scores.float() * self.scale  # (B, G, rep, T, S)
         if bias is not None:
             scores = scores + bias[:, :, None].float()  # (B, 1, 1, T, S)
+        elif T > 1:  # plain causal, nothing cached (T == S)
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype)
         o_lat = torch.einsum("bgjts,bsr->btgjr", p, c_kv)  # attention over the latent cache
         o = torch.einsum("btgjr,gvr->btgjv", o_lat, w_uv)  # W_UV folded into the output: (B, T, G, rep, d_v)

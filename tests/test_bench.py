@@ -1,0 +1,116 @@
+"""zebra bench: roofline byte counts by hand, the exact integration of affine step times, the paper's variant
+layouts, training FLOPs, and the command end to end on CPU with a tiny shape (plus its input errors)."""
+
+import json
+
+import pytest
+import torch
+
+from zebra import ZebraConfig
+from zebra.bench import roofline
+from zebra.bench.variants import resolve_shape, variant_config
+from zebra.cli import main
+
+TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "rope_theta": 10000.0,
+        "rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "tie_word_embeddings": True}
+
+
+def test_roofline_bytes_by_hand():
+    cfg = ZebraConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, mixer_types=["attention", "mla", "mamba2"], kv_lora_rank=12,
+                      qk_rope_head_dim=4)
+    # head_dim 8: attention 2*2*8 = 32 values/token, MLA 12 + 4 = 16, Mamba2 none
+    assert roofline.cache_bytes_per_token(cfg, 2) == (32 + 16) * 2
+    # Mamba2: H=4, P=N=8 fp32 state read+written, conv ring (d_inner 32 + 2*d_xb 16 = 64 ch x 4) read+written
+    assert roofline.state_bytes_per_step(cfg, 2) == 2 * (4 * 8 * 8 * 4 + 64 * 4 * 2)
+    s, B, w = 99, 3, 1000
+    assert roofline.step_bytes(w, cfg, s, B, 2) == w + B * (100 * 96 + 2 * (1024 + 512))
+    llama = {"num_hidden_layers": 16, "num_key_value_heads": 8, "hidden_size": 2048, "num_attention_heads": 32}
+    assert roofline.cache_bytes_per_token(llama, 2) == 16 * 2 * 8 * 64 * 2  # 32 KiB per token (Llama-3.2-1B)
+
+
+def test_weight_bytes_skip_an_untied_embedding_but_count_a_tied_one():
+    from test_model import tiny_model
+
+    untied = tiny_model(["mla", "mamba2"])
+    n_all = sum(p.numel() for p in untied.parameters())
+    assert roofline.weight_bytes(untied) == (n_all - untied.model.embed_tokens.weight.numel()) * 4
+    tied = tiny_model(["mla", "mamba2"], tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    assert roofline.weight_bytes(tied) == sum(p.numel() for p in tied.parameters()) * 4
+
+
+@pytest.mark.parametrize("L", [2, 3, 1024, 32768])
+def test_integration_is_exact_for_affine_step_times(L):
+    a, b = 5e-3, 2e-7
+    pos = sorted({0, L // 2, L - 1})
+    got = roofline.integrate(pos, [a + b * s for s in pos])
+    assert got == pytest.approx(L * a + b * L * (L - 1) / 2, rel=1e-12)
+
+
+def test_paper_variants_for_the_8b_shape():
+    name, cfg = resolve_shape("8b")
+    z = variant_config(name, cfg, "zebra")
+    assert [i for i, t in enumerate(z.mixer_types) if t == "mla"] == [0, 4, 8, 13, 18, 23, 27, 31]
+    assert set(z.mixer_types) == {"mla", "mamba2"} and z.kv_lora_rank == 160 and z.q_lora_rank == 2048
+    kv = roofline.cache_bytes_per_token(z, 1) / roofline.cache_bytes_per_token(cfg, 1)
+    assert 100 * kv == pytest.approx(2.734375)  # SPEC 9: 8 * (160 + 64) / (32 * 2 * 8 * 128)
+    assert variant_config(name, cfg, "zebra-16mla").mixer_types.count("mla") == 16
+    assert variant_config(name, cfg, "mil25").mixer_types.count("attention") == 8
+    assert variant_config(name, cfg, "mil50").mixer_types[:4] == ["attention", "mamba2", "attention", "mamba2"]
+    assert set(variant_config(name, cfg, "llama").mixer_types) == {"attention"}
+    assert set(variant_config(name, cfg, "mamba2").mixer_types) == {"mamba2"}
+
+
+def test_training_flops_count_six_per_trained_parameter():
+    from zebra.bench.train import model_flops_per_token
+    from test_model import tiny_model
+
+    t, s = tiny_model(["attention"]), tiny_model(["mamba2"])
+    n_t = sum(p.numel() for p in t.model.layers.parameters())
+    n_s = sum(p.numel() for p in s.model.layers.parameters())
+    m = s.model.layers[0].mamba
+    T = 64
+    attn = 4 * (T / 2) * 4 * 16  # scores + values, causal half, 4 heads x head_dim 16
+    want = 2 * n_t + attn + 6 * n_s + 3 * 2 * 2 * m.d_inner * m.d_state
+    assert model_flops_per_token("ild", t, s, T) == pytest.approx(want)
+
+
+def test_train_step_throughput_runs_on_cpu():
+    from zebra.bench.train import train_step_throughput
+    from test_model import tiny_model
+
+    teacher, student = tiny_model(["attention"] * 2), tiny_model(["mla", "mamba2"], seed=1)
+    r = train_step_throughput("distill", teacher, student, 2, 32, steps=2, warmup=1, backend="torch")
+    assert r["tokens_per_s"] > 0 and r["mfu"] is None and torch.isfinite(torch.tensor(r["loss"]))
+
+
+def test_bench_cli_end_to_end_on_cpu(tmp_path):
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY))
+    out = tmp_path / "b"
+    rc = main(["bench", "--shapes", str(shape), "--variants", "hf,llama,zebra,mamba2", "--lengths", "40,80",
+               "--hf-lengths", "40", "--batches", "2", "--batch-length", "24", "--prefill", "16", "--steps", "2",
+               "--warmup", "1", "--dtype", "fp32", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "bench.json").read_text())
+    ok = [(p["variant"], p["kind"], p["length"]) for p in res["points"] if p["status"] == "ok"]
+    assert ("hf", "decode", 40) in ok and ("zebra", "decode", 80) in ok and ("mamba2", "batch", 24) in ok
+    assert ("llama", "prefill", 16) in ok and len(ok) == len(res["points"]) == 1 + 2 * 3 + 3 * 1 + 4
+    kv = {v["variant"]: v["kv_percent"] for v in res["variants"]}
+    assert kv["llama"] == 100 and kv["mamba2"] == 0 and 0 < kv["zebra"] < 100
+    for p in res["points"]:
+        if p["kind"] != "prefill":
+            assert 0 < p["roofline_fraction"] and p["roofline_tokens_per_s"] > 0
+    assert all((out / f"{k}-tiny.png").stat().st_size > 1000 for k in ("decode", "batch", "prefill"))
+    assert "| zebra |" in (out / "bench.md").read_text()
+
+
+@pytest.mark.parametrize("argv", [
+    ["--shapes", "70b"], ["--variants", "llama,gpt"], ["--lengths", "0,5"], ["--batches", "x"],
+    ["--what", "decode,fly"], ["--what", "train", "--shapes", "8b"],
+])
+def test_bench_bad_input_exits_2(argv, tmp_path, capsys):
+    assert main(["bench", *argv, "--out", str(tmp_path / "o")]) == 2
+    assert "error" in capsys.readouterr().err
