@@ -38,7 +38,7 @@ else:
             q = torch.randn(B, G, M, D, generator=g)
             k, v = torch.randn(B, G, S, D, generator=g), torch.randn(B, G, S, D, generator=g)
         else:
-            G, M, R, dr = 1, 5, 40, 16  # DK = 56, DV = 40: neither a power of two
+            G, M, R, dr = 1, 5, 72, 16  # DK = 88, DV = 72: not powers of two, two merge column blocks
             q = torch.randn(B, G, M, R + dr, generator=g)
             cache = torch.randn(B, S, R + dr, generator=g)
             k, v = cache[:, None], cache[:, None, :, :R]
@@ -66,3 +66,21 @@ else:
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(rings[1], rings[0])
             torch.testing.assert_close(states[1], states[0], atol=1e-5, rtol=1e-4)
+
+
+    def test_fused_elementwise_kernels_match_reference():
+        from zebra.kernels import fused as fk
+        from zebra.ops import fused as fr
+
+        g = torch.Generator().manual_seed(0)
+        h, x, w = torch.randn(3, 1, 40, generator=g), torch.randn(3, 1, 40, generator=g), torch.randn(40, generator=g)
+        for a, b in zip(fk.add_rms_norm(h, x, w, 1e-5), fr.add_rms_norm(h, x, w, 1e-5)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(fk.add_rms_norm(h, None, w, 1e-5)[1], fr.rms_norm(h, w, 1e-5), atol=1e-5, rtol=1e-5)
+        z = torch.randn(3, 50, generator=g)[:, None, 5:45]  # a strided view, as the in_proj split gives
+        torch.testing.assert_close(fk.gated_rms_norm(x, z, w, 1e-5), fr.gated_rms_norm(x, z, w, 1e-5), atol=1e-5, rtol=1e-5)
+        q = torch.randn(3, 1, 5, 24, generator=g)[..., 8:]  # (B, 1, H, 16), strided like MLA's q_rope slice
+        cos, sin = torch.randn(3, 1, 16, generator=g), torch.randn(3, 1, 16, generator=g)
+        torch.testing.assert_close(fk.rope(q, cos, sin), fr.rope(q, cos, sin), atol=1e-5, rtol=1e-5)
+        u, v = torch.randn(3, 1, 2000, generator=g), torch.randn(3, 1, 2000, generator=g)
+        torch.testing.assert_close(fk.silu_mul(u, v), fr.silu_mul(u, v), atol=1e-5, rtol=1e-5)

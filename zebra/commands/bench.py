@@ -10,6 +10,7 @@ throughput (`--what train`). Writes OUT/bench.json (after every point, atomicall
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -52,6 +53,8 @@ def add_arguments(p):
 
 
 def _commit():
+    if os.environ.get("ZEBRA_COMMIT"):  # a code snapshot without .git (GPU runs) names its commit
+        return os.environ["ZEBRA_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               cwd=Path(__file__).parent, timeout=5).stdout.strip() or None

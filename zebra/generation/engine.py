@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from ..errors import ZebraError
 from ..model.cache import ZebraCache
-from ..model.common import apply_rope
 from ..ops import dispatch
+from ..ops.dispatch import fused_op
 
 
 class StaticEngine:
@@ -52,6 +52,7 @@ class StaticEngine:
             raise ZebraError("cuda_graph=True needs the model on a CUDA device")
         B, L, dev, dt = batch_size, max_len, self.device, self.dtype
         self.layers = model.model.layers
+        self.silu = cfg.hidden_act in ("silu", "swish")  # the fused MLP activation is SiLU
         self.cache: list[dict[str, torch.Tensor]] = []
         for layer in self.layers:
             if layer.mixer_type == "attention":
@@ -170,8 +171,10 @@ class StaticEngine:
         mm = self.model.model
         h = mm.embed_tokens(self.tokens)[:, None]  # (B, 1, d)
         rope = {}
+        pending = None  # the last sub-block's output, added to h inside the next norm (one kernel)
         for layer, c in zip(self.layers, self.cache):
-            x = layer.input_layernorm(h)
+            ln = layer.input_layernorm
+            h, x = fused_op("add_rms_norm", h, pending, ln.weight, ln.eps)
             if layer.mixer_type == "mamba2":
                 x = self._mamba2(layer.mamba, x, c)
             else:
@@ -179,9 +182,13 @@ class StaticEngine:
                 if t not in rope:
                     rope[t] = (mm.rotary if t == "attention" else mm.rotary_mla)(pos_ids, x.dtype)
                 x = (self._attention if t == "attention" else self._mla)(layer.self_attn, x, rope[t], c)
-            h = h + x
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = self.model.lm_head(mm.norm(h))[:, 0]
+            ln = layer.post_attention_layernorm
+            h, x = fused_op("add_rms_norm", h, x, ln.weight, ln.eps)
+            mlp = layer.mlp
+            g, u = mlp.gate_proj(x), mlp.up_proj(x)
+            pending = mlp.down_proj(fused_op("silu_mul", g, u) if self.silu else mlp.act_fn(g) * u)
+        h, h_norm = fused_op("add_rms_norm", h, pending, mm.norm.weight, mm.norm.eps)
+        logits = self.model.lm_head(h_norm)[:, 0]
         self.pos.add_(1)
         return logits
 
@@ -192,7 +199,7 @@ class StaticEngine:
         v = a.v_proj(x).view(B, 1, a.n_kv, a.head_dim)
         if a.q_norm is not None:
             q, k = a.q_norm(q), a.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = fused_op("rope", q, *rope), fused_op("rope", k, *rope)
         c["k"].index_copy_(2, self.pos, k.transpose(1, 2))
         c["v"].index_copy_(2, self.pos, v.transpose(1, 2))
         q = q.view(B, a.n_kv, a.n_heads // a.n_kv, a.head_dim)  # (B, G, heads per group, D)
@@ -202,9 +209,9 @@ class StaticEngine:
     def _mla(self, m, x, rope, c):
         B, R = self.B, m.r_kv
         q_nope, q_rope = m._queries(x)  # (B, 1, H, d_nope), (B, 1, H, d_r)
-        q_rope = apply_rope(q_rope, *rope)
+        q_rope = fused_op("rope", q_rope, *rope)
         c_kv, k_rope = m.kv_a_proj_with_mqa(x).split([R, m.d_r], dim=-1)
-        k_rope = apply_rope(k_rope[:, :, None], *rope)[:, :, 0]
+        k_rope = fused_op("rope", k_rope[:, :, None], *rope)[:, :, 0]
         c["kv"].index_copy_(1, self.pos, torch.cat([c_kv, k_rope], dim=-1))
         G, rep = m.n_kv, m.n_heads // m.n_kv
         q_lat = torch.einsum("bgjd,gdr->bgjr", q_nope.reshape(B, G, rep, m.d_nope), c["w_uk"])  # (B, G, rep, R)
@@ -222,7 +229,7 @@ class StaticEngine:
         y = dispatch.mamba2_step(xBC, c["conv"], self.pos, m.conv1d.weight[:, 0], m.conv1d.bias, dt, m.dt_bias,
                                  m.A_log, m.D, c["ssm"], m.n_kv, m.headdim, m.d_state)  # (B, H, P) fp32, D skip in
         y = y.to(x.dtype).reshape(B, 1, m.d_inner)
-        return m.out_proj(m.norm(y, z[:, None]))
+        return m.out_proj(fused_op("gated_rms_norm", y, z[:, None], m.norm.weight, m.norm.eps))
 
     # ---- CUDA graph -----------------------------------------------------------------------------------
     def _capture(self):

@@ -4,14 +4,16 @@ the training / prefill scan also needs the optional extra: pip install 'zebra[cu
 
     decode_attention  zebra.kernels.decode: split-K decode attention (GQA, absorbed MLA latent rows)
     mamba2_step       zebra.kernels.decode: the fused Mamba2 decode step
+    add_rms_norm, gated_rms_norm, rope, silu_mul   zebra.kernels.fused: the decode step's elementwise work
     ssd_scan          fla-core's chunk_simple_gla (pure Triton): Mamba2's SSD as gated linear attention
     causal_conv1d     fla-core's Triton causal conv1d (varlen for packed documents)
 """
 
 from ..ops import dispatch
-from . import decode
+from . import decode, fused
 
 dispatch._KERNELS.update(decode.KERNELS)
+dispatch._KERNELS.update(fused.KERNELS)
 try:
     from . import fla_ops
 except ImportError as e:  # decode kernels stay usable; training / prefill use the reference scan

@@ -93,19 +93,20 @@ def _attn_split_kernel(Q, K, V, KV_START, KV_LEN, O_PART, ML_PART,
 
 @triton.jit
 def _attn_merge_kernel(O_PART, ML_PART, OUT, so_b, so_g, so_m, M, DV, NSPLIT: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr):
-    b, g = tl.program_id(0), tl.program_id(1)
+                       BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Grid (batch, group, value-column block): merge the splits' partial softmax sums."""
+    b, g, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     G = tl.num_programs(1)
     om = tl.arange(0, BLOCK_M)
-    oa = tl.arange(0, BLOCK_A)
+    ov = vb * BLOCK_V + tl.arange(0, BLOCK_V)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_A], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_V], tl.float32)
     for sp in range(NSPLIT):  # splits that saw no keys hold l = 0 and drop out
         part = (b * G + g) * NSPLIT + sp
         m_s = tl.load(ML_PART + (part * 2) * BLOCK_M + om)
         l_s = tl.load(ML_PART + (part * 2 + 1) * BLOCK_M + om)
-        a_s = tl.load(O_PART + (part * BLOCK_M + om[:, None]) * BLOCK_A + oa[None, :])
+        a_s = tl.load(O_PART + (part * BLOCK_M + om[:, None]) * BLOCK_A + ov[None, :])
         m_new = tl.maximum(m_i, m_s)
         c_old = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_i - m_new))
         c_new = tl.where(m_new == float("-inf"), 0.0, tl.exp(m_s - m_new))
@@ -113,8 +114,8 @@ def _attn_merge_kernel(O_PART, ML_PART, OUT, so_b, so_g, so_m, M, DV, NSPLIT: tl
         acc = acc * c_old[:, None] + a_s * c_new[:, None]
         m_i = m_new
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(OUT + b * so_b + g * so_g + om[:, None] * so_m + oa[None, :], out.to(OUT.dtype.element_ty),
-             mask=(om[:, None] < M) & (oa[None, :] < DV))
+    tl.store(OUT + b * so_b + g * so_g + om[:, None] * so_m + ov[None, :], out.to(OUT.dtype.element_ty),
+             mask=(om[:, None] < M) & (ov[None, :] < DV))
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -122,12 +123,13 @@ _SM_COUNT: dict[int, int] = {}
 
 def _num_splits(B: int, G: int, S: int, device) -> int:
     if device.type != "cuda":  # the Triton interpreter (tests on CPU)
-        return max(1, min(4, triton.cdiv(S, 512)))
+        return max(1, min(4, triton.cdiv(S, 2048)))
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     want = triton.cdiv(2 * _SM_COUNT[idx], B * G)  # about two programs per SM
-    return max(1, min(want, triton.cdiv(S, 512)))  # but at least 512 rows per split
+    # but at least 2048 rows per split: each split writes an fp32 partial of M x D_v that the merge reads back
+    return max(1, min(want, triton.cdiv(S, 2048)))
 
 
 def decode_attention(q, k, v, kv_start, kv_len, scale, num_splits=None):
@@ -160,8 +162,10 @@ def decode_attention(q, k, v, kv_start, kv_len, scale, num_splits=None):
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
         DYNAMIC=not _INTERPRET, N_TILES=chunk // BLOCK_S, num_warps=4 if BLOCK_A <= 128 else 8, num_stages=2)
     out = torch.empty(B, G, M, DV, device=q.device, dtype=q.dtype)
-    _attn_merge_kernel[(B, G)](o_part, ml_part, out, out.stride(0), out.stride(1), out.stride(2),
-                               M, DV, nsplit, BLOCK_M=BLOCK_M, BLOCK_A=BLOCK_A, num_warps=4)
+    BLOCK_V = min(BLOCK_A, 64)
+    _attn_merge_kernel[(B, G, triton.cdiv(DV, BLOCK_V))](o_part, ml_part, out, out.stride(0), out.stride(1),
+                                                         out.stride(2), M, DV, nsplit, BLOCK_M=BLOCK_M,
+                                                         BLOCK_A=BLOCK_A, BLOCK_V=BLOCK_V, num_warps=4)
     return out
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import conv, decode, ssd
+from . import conv, decode, fused, ssd
 
 _BACKEND = os.environ.get("ZEBRA_BACKEND", "auto")
 _KERNELS: dict[str, object] = {}  # op name -> callable, filled by zebra.kernels (lazily)
@@ -85,3 +85,10 @@ def decode_attention(q, k, v, kv_start, kv_len, scale, backend=None):
     """One query per head over cached rows [kv_start, kv_len) (GQA or absorbed MLA). Shapes in zebra/ops/decode.py."""
     fn = _kernel("decode_attention", q, backend) or decode.decode_attention
     return fn(q, k, v, kv_start, kv_len, scale)
+
+
+def fused_op(name: str, *args):
+    """A fused elementwise op of the decode step (zebra/ops/fused.py): add_rms_norm, gated_rms_norm, rope,
+    silu_mul; the Triton kernel on CUDA tensors, else the reference."""
+    fn = _kernel(name, args[0]) or getattr(fused, name)
+    return fn(*args)
