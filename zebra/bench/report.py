@@ -38,6 +38,14 @@ def markdown(res) -> str:
     out = [f"device: {res['device']}; copy bandwidth {res['bandwidth_gbs']:.0f} GB/s; torch {res['torch']}, "
            f"triton {res.get('triton')}, transformers {res['transformers']}; commit {res.get('commit')}; {res['date']}",
            ""]
+    if res.get("kernels"):
+        out += ["### decode kernels alone (8B geometry, 8192 cached tokens): bytes / time vs copy bandwidth", "",
+                "| kernel | batch | bytes moved | time (us) | achieved GB/s | % of copy bandwidth |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for k in res["kernels"]:
+            out.append(f"| {k['kernel']} | {k['batch']} | {k['bytes'] / 2**20:,.0f} MiB | {k['us']:,.0f} | "
+                       f"{k['bytes'] / k['us'] / 1e3:,.0f} | {100 * k['bandwidth_fraction']:.0f}% |")
+        out.append("")
     if res.get("train"):
         out += ["### training step throughput (bf16 autocast, AdamW), reference vs fast path", "",
                 "| teacher shape | stage | batch x seq | reference tok/s | fast tok/s | speed-up | MFU ref | MFU fast |",

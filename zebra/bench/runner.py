@@ -152,3 +152,54 @@ class Bench:
             times.append(max(tn - t1, 1e-9) / n)
         positions[0] = 0
         return self._point(times, positions, wb, cfg, batch, length)
+
+
+@torch.no_grad()
+def kernel_points(bench: Bench) -> list[dict]:
+    """The decode kernels alone at large batch, 8B geometry: bytes they must read (and write) over their time,
+    as a fraction of the measured copy bandwidth. MLA: Zebra-8B latent rows (r_kv 160 + d_r 64, 32 heads);
+    GQA: Llama-8B (8 KV groups x 4 heads, d_h 128); Mamba2 step: 32 heads, P = N = 128."""
+    from ..ops import dispatch
+
+    dev, dt, out = bench.device, bench.dtype, []
+    S = 8192
+
+    def timed(fn, reps=20):
+        fn()
+        return bench.timer(fn, reps)
+
+    for B in (64, 256):
+        cache = torch.randn(B, S, 224, device=dev, dtype=dt)
+        q = torch.randn(B, 1, 32, 224, device=dev, dtype=dt)
+        z, n = torch.zeros(B, dtype=torch.int32, device=dev), torch.full((B,), S, dtype=torch.int32, device=dev)
+        kv = cache[:, None]
+        t = timed(lambda: dispatch.decode_attention(q, kv, kv[..., :160], z, n, 0.088, backend="triton"))
+        nbytes = cache.numel() * cache.element_size()
+        out.append({"kernel": "mla_decode", "batch": B, "length": S, "us": t * 1e6, "bytes": nbytes,
+                    "bandwidth_fraction": nbytes / t / bench.bw})
+        del cache, q, kv
+    for B in (16, 32):
+        k = torch.randn(B, 8, S, 128, device=dev, dtype=dt)
+        v = torch.randn_like(k)
+        q = torch.randn(B, 8, 4, 128, device=dev, dtype=dt)
+        z, n = torch.zeros(B, dtype=torch.int32, device=dev), torch.full((B,), S, dtype=torch.int32, device=dev)
+        t = timed(lambda: dispatch.decode_attention(q, k, v, z, n, 0.088, backend="triton"))
+        nbytes = 2 * k.numel() * k.element_size()
+        out.append({"kernel": "gqa_decode", "batch": B, "length": S, "us": t * 1e6, "bytes": nbytes,
+                    "bandwidth_fraction": nbytes / t / bench.bw})
+        del k, v, q
+    for B in (64, 256):
+        H, P, C, K = 32, 128, 8 * 128 * 2 + 32 * 128, 4
+        xBC, ring = torch.randn(B, C, device=dev, dtype=dt), torch.zeros(B, C, K, device=dev, dtype=dt)
+        w, bias = torch.randn(C, K, device=dev, dtype=dt), torch.randn(C, device=dev, dtype=dt)
+        dtv, hp = torch.randn(B, H, device=dev), torch.randn(H, device=dev)
+        state = torch.zeros(B, H, P, P, device=dev)
+        pos = torch.zeros(1, dtype=torch.long, device=dev)
+        t = timed(lambda: dispatch.mamba2_step(xBC, ring, pos, w, bias, dtv, hp, hp, hp, state, 8, P, P,
+                                               backend="triton"))
+        nbytes = 2 * state.numel() * 4 + 2 * ring.numel() * ring.element_size()
+        out.append({"kernel": "mamba2_step", "batch": B, "length": 1, "us": t * 1e6, "bytes": nbytes,
+                    "bandwidth_fraction": nbytes / t / bench.bw})
+        del state, ring
+    free()
+    return out

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import ZebraError
 
-KINDS = ("decode", "batch", "prefill", "train")
+KINDS = ("decode", "batch", "prefill", "train", "kernels")
 
 
 def _ints(text: str, flag: str) -> list[int]:
@@ -146,6 +146,12 @@ def run(args) -> int:
             free()
             return status
 
+    if "kernels" in what:
+        from ..bench.runner import kernel_points
+
+        res["kernels"] = kernel_points(bench)
+        report.write_json_atomic(out / "bench.json", res)
+        what = [w for w in what if w != "kernels"]
     for shape, cfg in shapes:
         if "train" in what:
             from ..bench.train import run_train
