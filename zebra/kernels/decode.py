@@ -132,8 +132,9 @@ def _num_splits(B: int, G: int, S: int, device) -> int:
     return max(1, min(want, triton.cdiv(S, 2048)))
 
 
-def decode_attention(q, k, v, kv_start, kv_len, scale, num_splits=None):
-    """Same contract as zebra.ops.decode.decode_attention."""
+def decode_attention(q, k, v, kv_start, kv_len, scale, num_splits=None, block_s=None, num_warps=None,
+                     num_stages=None):
+    """Same contract as zebra.ops.decode.decode_attention (block_s / num_warps / num_stages: tuning)."""
     B, G, M, DK = q.shape
     S, DV = k.shape[2], v.shape[3]
     if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
@@ -146,7 +147,7 @@ def decode_attention(q, k, v, kv_start, kv_len, scale, num_splits=None):
         if DV != DK:
             raise ValueError("decode_attention: separate K and V must have the same head dim")
     nsplit = num_splits or _num_splits(B, G, S, q.device)
-    BLOCK_S = 64
+    BLOCK_S = block_s or 64
     chunk = triton.cdiv(triton.cdiv(S, nsplit), BLOCK_S) * BLOCK_S
     nsplit = triton.cdiv(S, chunk)
     BLOCK_M = max(16, triton.next_power_of_2(M))
@@ -160,7 +161,8 @@ def decode_attention(q, k, v, kv_start, kv_len, scale, num_splits=None):
         M, DA, DB, scale, chunk, nsplit,
         SHARED=shared, HAS_B=DB > 0, BLOCK_M=BLOCK_M, BLOCK_A=BLOCK_A, BLOCK_B=BLOCK_B, BLOCK_S=BLOCK_S,
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
-        DYNAMIC=not _INTERPRET, N_TILES=chunk // BLOCK_S, num_warps=4 if BLOCK_A <= 128 else 8, num_stages=2)
+        DYNAMIC=not _INTERPRET, N_TILES=chunk // BLOCK_S, num_warps=num_warps or (4 if BLOCK_A <= 128 else 8),
+        num_stages=num_stages or 2)
     out = torch.empty(B, G, M, DV, device=q.device, dtype=q.dtype)
     BLOCK_V = min(BLOCK_A, 64)
     _attn_merge_kernel[(B, G, triton.cdiv(DV, BLOCK_V))](o_part, ml_part, out, out.stride(0), out.stride(1),
