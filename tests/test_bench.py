@@ -105,6 +105,8 @@ def test_bench_cli_end_to_end_on_cpu(tmp_path):
             assert 0 < p["roofline_fraction"] and p["roofline_tokens_per_s"] > 0
     assert all((out / f"{k}-tiny.png").stat().st_size > 1000 for k in ("decode", "batch", "prefill"))
     assert "| zebra |" in (out / "bench.md").read_text()
+    assert main(["report", str(out)]) == 0  # zebra report picks the decode points up as Fig. 4 curves
+    assert "| tiny/zebra | 80 |" in (out / "report.md").read_text()
 
 
 @pytest.mark.parametrize("argv", [

@@ -9,7 +9,8 @@ Looks (recursively) for
     zebra eval --json  files (they start with "format": "zebra-eval/1")  -> their tables + Fig. 1
                        (average accuracy vs KV cache size, every evaluated model of every file)
     agreement JSON     `zebra agreement --json` output ({"teacher", "results": [{"kl", ...}]})  -> a table
-    bench*.json        {"results": [{"variant", "gen_len", "tokens_per_s", ...}]}  -> Fig. 4 throughput curves
+    bench*.json        `zebra bench` output, or {"results": [{"variant", "gen_len", "tokens_per_s", ...}]}
+                       -> Fig. 4 throughput curves
 and skips any of them that is absent.
 """
 
@@ -82,6 +83,10 @@ def find_results(root: Path, skip: Path | None = None) -> dict:
         data = _load(path)
         if data is None:
             continue
+        if kind == "bench" and isinstance(data, dict) and data.get("format") == "zebra-bench/1":
+            data = {"results": [  # `zebra bench` output: its batch-1 decode points are the Fig. 4 curves
+                {"variant": f"{p['shape']}/{p['variant']}", "gen_len": p["length"], "tokens_per_s": p["tokens_per_s"]}
+                for p in data.get("points", []) if p.get("kind") == "decode" and p.get("status") == "ok"]}
         ok = {
             "sensitivity": isinstance(data, dict) and isinstance(data.get("scores"), list),
             "smart": isinstance(data, dict) and isinstance(data.get("layers"), list),
