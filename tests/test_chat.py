@@ -33,3 +33,25 @@ def test_chat_turns_history_and_reset(tmp_path, teacher_tokenizer, monkeypatch, 
     assert turns[1][0] == "hello there" and len(turns[1]) == 3  # user, assistant, user
     assert turns[2] == ["third"]  # after /reset
     assert "conversation reset" in capsys.readouterr().out
+
+
+def test_generate_and_chat_fast_path_equal_the_reference(tmp_path, teacher_tokenizer, monkeypatch, capsys):
+    """`--fast on` (static engine, CPU: reference ops, no graph) prints what `--fast off` prints, greedy."""
+    tok = teacher_tokenizer
+    torch.manual_seed(1)
+    cfg = ZebraConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                      num_attention_heads=2, num_key_value_heads=1, mixer_types=["mla", "mamba2", "attention"],
+                      kv_lora_rank=8, qk_rope_head_dim=4, eos_token_id=tok.eos_token_id)
+    ZebraForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    outs = {}
+    for fast in ("off", "on"):
+        assert main(["generate", "--model", str(tmp_path / "m"), "--prompt", "Hi there", "--max-new-tokens", "12",
+                     "--device", "cpu", "--dtype", "float32", "--fast", fast]) == 0
+        outs[fast] = capsys.readouterr().out.splitlines()[0]
+        monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/exit\n"))
+        assert main(["chat", "--model", str(tmp_path / "m"), "--max-new-tokens", "6", "--temperature", "0",
+                     "--device", "cpu", "--dtype", "float32", "--fast", fast]) == 0
+        outs["chat-" + fast] = capsys.readouterr().out
+    assert outs["on"] == outs["off"] and outs["on"].strip()
+    assert outs["chat-on"] == outs["chat-off"]
