@@ -188,7 +188,8 @@ def _conv_silu(XBC, RING, W, BIAS, b, ch, cmask, pos, sx_b, sr_b, sr_c, sw_c, wr
         slot = (pos - i + K) % K  # pos >= 0, so this is the non-negative residue
         old = tl.load(RING + b * sr_b + ch * sr_c + slot, mask=cmask, other=0.0).to(tl.float32)
         acc += tl.load(W + ch * sw_c + (K - 1 - i), mask=cmask, other=0.0).to(tl.float32) * old
-    tl.store(RING + b * sr_b + ch * sr_c + pos % K, new.to(RING.dtype.element_ty), mask=cmask & write)
+    wmask = cmask & (tl.full(ch.shape, 1, tl.int32) * write.to(tl.int32) != 0)  # a block mask, not a scalar
+    tl.store(RING + b * sr_b + ch * sr_c + pos % K, new.to(RING.dtype.element_ty), mask=wmask)
     return acc / (1.0 + tl.exp(-acc))
 
 
