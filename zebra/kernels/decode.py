@@ -179,7 +179,8 @@ def _softplus(x):
 
 
 @triton.jit
-def _conv_silu(XBC, RING, W, BIAS, b, ch, cmask, pos, sx_b, sr_b, sr_c, sw_c, write, K: tl.constexpr):
+def _conv_silu(XBC, RING, W, BIAS, b, ch, cmask, pos, sx_b, sr_b, sr_c, sw_c, write, K: tl.constexpr,
+               BLOCK_MASK: tl.constexpr):
     """SiLU(conv) for channels `ch` of row b; the new input goes to ring slot pos % K when `write`."""
     new = tl.load(XBC + b * sx_b + ch, mask=cmask, other=0.0)
     acc = tl.load(BIAS + ch, mask=cmask, other=0.0).to(tl.float32)
@@ -188,7 +189,10 @@ def _conv_silu(XBC, RING, W, BIAS, b, ch, cmask, pos, sx_b, sr_b, sr_c, sw_c, wr
         slot = (pos - i + K) % K  # pos >= 0, so this is the non-negative residue
         old = tl.load(RING + b * sr_b + ch * sr_c + slot, mask=cmask, other=0.0).to(tl.float32)
         acc += tl.load(W + ch * sw_c + (K - 1 - i), mask=cmask, other=0.0).to(tl.float32) * old
-    wmask = cmask & (tl.full(ch.shape, 1, tl.int32) * write.to(tl.int32) != 0)  # a block mask, not a scalar
+    if BLOCK_MASK:  # newer Triton interpreters refuse a scalar term in a store mask: broadcast it first
+        wmask = cmask & (tl.full(ch.shape, 1, tl.int32) * write.to(tl.int32) != 0)
+    else:
+        wmask = cmask & write
     tl.store(RING + b * sr_b + ch * sr_c + pos % K, new.to(RING.dtype.element_ty), mask=wmask)
     return acc / (1.0 + tl.exp(-acc))
 
@@ -197,7 +201,7 @@ def _conv_silu(XBC, RING, W, BIAS, b, ch, cmask, pos, sx_b, sr_b, sr_c, sw_c, wr
 def _mamba2_step_kernel(XBC, RING, POS, W, BIAS, DT, DT_BIAS, A_LOG, D, STATE, Y,
                         sx_b, sr_b, sr_c, sw_c, sdt_b, ss_b, ss_h, ss_p, sy_b, sy_h,
                         H, NKV, P, N,
-                        K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+                        K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MASK: tl.constexpr):
     b, h, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rep = H // NKV
     grp, j = h // rep, h % rep
@@ -206,11 +210,11 @@ def _mamba2_step_kernel(XBC, RING, POS, W, BIAS, DT, DT_BIAS, A_LOG, D, STATE, Y
     on = tl.arange(0, BLOCK_N)
     pm, nm = op < P, on < N
     first_head = j == 0
-    x = _conv_silu(XBC, RING, W, BIAS, b, grp * P + op, pm, pos, sx_b, sr_b, sr_c, sw_c, first_head, K)
+    x = _conv_silu(XBC, RING, W, BIAS, b, grp * P + op, pm, pos, sx_b, sr_b, sr_c, sw_c, first_head, K, BLOCK_MASK)
     bv = _conv_silu(XBC, RING, W, BIAS, b, NKV * P + grp * N + on, nm, pos, sx_b, sr_b, sr_c, sw_c,
-                    first_head & (pb == 0), K)
+                    first_head & (pb == 0), K, BLOCK_MASK)
     cv = _conv_silu(XBC, RING, W, BIAS, b, NKV * P + NKV * N + h * N + on, nm, pos, sx_b, sr_b, sr_c, sw_c,
-                    pb == 0, K)
+                    pb == 0, K, BLOCK_MASK)
     dt = _softplus(tl.load(DT + b * sdt_b + h).to(tl.float32) + tl.load(DT_BIAS + h).to(tl.float32))
     dA = tl.exp(-dt * tl.exp(tl.load(A_LOG + h).to(tl.float32)))
     sp = STATE + b * ss_b + h * ss_h + op[:, None] * ss_p + on[None, :]
@@ -241,7 +245,7 @@ def mamba2_step(xBC, conv_ring, pos, conv_w, conv_b, dt, dt_bias, A_log, D, ssm_
         xBC, conv_ring, pos, conv_w, conv_b, dt, dt_bias, A_log, D, ssm_state, y,
         xBC.stride(0), conv_ring.stride(0), conv_ring.stride(1), conv_w.stride(0), dt.stride(0),
         ssm_state.stride(0), ssm_state.stride(1), ssm_state.stride(2), y.stride(0), y.stride(1),
-        H, n_kv, headdim, d_state, K=K, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, num_warps=4)
+        H, n_kv, headdim, d_state, K=K, BLOCK_P=BLOCK_P, BLOCK_N=BLOCK_N, BLOCK_MASK=_INTERPRET, num_warps=4)
     return y
 
 
