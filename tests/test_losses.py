@@ -91,7 +91,7 @@ def _kl_setup(seed=0, B=2, T=5, d=8, d_t=6, V=11):
 @pytest.mark.parametrize("chunk", [1, 3, 100])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 def test_chunked_kl_equals_full(chunk, temperature):
-    """Chunked + checkpointed KL from hidden states equals the full-logits KL in value and student gradients;
+    """Chunked, fused KL from hidden states equals the full-logits KL in value and student gradients;
     the teacher side gets no gradient."""
     s_h, head, t_h, t_head, mask = _kl_setup()
     full, n_full = forward_kl_per_token(t_h @ t_head.T, head(s_h), mask, temperature)
@@ -109,22 +109,62 @@ def test_chunked_kl_equals_full(chunk, temperature):
     assert torch.all(s_h.grad[mask == 0] == 0)  # masked positions get no gradient
 
 
-def test_chunked_kl_checkpoints_each_chunk(monkeypatch):
-    """Each chunk runs under torch.utils.checkpoint (non-reentrant): ceil(n / chunk) calls for 7 tokens, chunk 3."""
+def test_chunked_kl_computes_each_chunk_once(monkeypatch):
+    """The fused KL evaluates each chunk's logits once, in the forward (ceil(7 / 3) = 3 chunks), and backward only
+    scales the gradients it already holds: no chunk is recomputed (the checkpointed design did it twice)."""
+    from zebra.ops import fused_kl
+
     calls = []
-    real = losses.checkpoint
+    real = fused_kl._kl_and_grad
 
-    def spy(fn, *args, **kw):
-        calls.append(kw.get("use_reentrant"))
-        return real(fn, *args, **kw)
+    def spy(s, t, inv_temp, need_grad):
+        calls.append((tuple(s.shape), need_grad))
+        return real(s, t, inv_temp, need_grad)
 
-    monkeypatch.setattr(losses, "checkpoint", spy)
+    monkeypatch.setattr(fused_kl, "_elementwise", lambda device: spy)
     s_h, head, t_h, t_head, mask = _kl_setup()
-    chunked_kl_from_hidden(s_h, head, t_h, t_head, mask, chunk_tokens=3)[0].backward()
-    assert calls == [False, False, False]
-    with torch.no_grad():  # nothing to recompute for: no checkpoint
-        chunked_kl_from_hidden(s_h, head, t_h, t_head, mask, chunk_tokens=3)
+    loss, n = chunked_kl_from_hidden(s_h, head, t_h, t_head, mask, chunk_tokens=3)
+    assert [c[0][0] for c in calls] == [3, 3, 1] and all(c[1] for c in calls)
+    loss.backward()
     assert len(calls) == 3
+    with torch.no_grad():  # nothing needs a gradient: none is computed
+        chunked_kl_from_hidden(s_h, head, t_h, t_head, mask, chunk_tokens=3)
+    assert [c[1] for c in calls[3:]] == [False, False, False]
+
+
+def test_fused_kl_gradcheck_float64():
+    """The closed-form gradient (softmax(s) - softmax(t)) / T, scaled by the incoming gradient, passes gradcheck."""
+    from zebra.ops.fused_kl import linear_kl
+
+    torch.manual_seed(1)
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    th, tw = torch.randn(5, 3, dtype=torch.float64), torch.randn(7, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda h, w, b: linear_kl(h, w, th, tw, chunk_tokens=2, temperature=1.5,
+                                                              student_bias=b) * 3.0, (h, w, b))
+
+
+def test_fused_kl_autocast_matches_fp32():
+    """Under bf16 autocast the GEMMs run in bf16 and the KL in fp32: value and gradients within bf16 rounding of
+    the fp32 computation, gradients returned in the parameters' dtype (fp32 master weights)."""
+    from zebra.ops.fused_kl import linear_kl
+
+    torch.manual_seed(2)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = (torch.randn(50, 16) * 0.3).requires_grad_()
+    th, tw = torch.randn(40, 12), torch.randn(50, 12) * 0.3
+    ref = linear_kl(h, w, th, tw, chunk_tokens=16)
+    ref.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = linear_kl(h, w, th, tw, chunk_tokens=16)
+    got.backward()
+    assert got.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert abs(got.item() - ref.item()) / ref.item() < 3e-2
+    for a, b in ((h.grad, gh), (w.grad, gw)):
+        assert ((a - b).norm() / b.norm()).item() < 3e-2
 
 
 def test_chunked_kl_bf16_weight_head():

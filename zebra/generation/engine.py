@@ -179,9 +179,10 @@ class StaticEngine:
                 x = self._mamba2(layer.mamba, x, c)
             else:
                 t = layer.mixer_type
-                if t not in rope:
-                    rope[t] = (mm.rotary if t == "attention" else mm.rotary_mla)(pos_ids, x.dtype)
-                x = (self._attention if t == "attention" else self._mla)(layer.self_attn, x, rope[t], c)
+                key = (t, getattr(layer.self_attn, "rope_key", None))
+                if key not in rope:
+                    rope[key] = mm.rope(layer, pos_ids, x.dtype)
+                x = (self._attention if t == "attention" else self._mla)(layer.self_attn, x, rope[key], c)
             ln = layer.post_attention_layernorm
             h, x = fused_op("add_rms_norm", h, x, ln.weight, ln.eps)
             mlp = layer.mlp

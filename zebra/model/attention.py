@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import RMSNorm, apply_rope
+from .common import RMSNorm, apply_rope, varlen_causal
 
 
 class Attention(nn.Module):
@@ -30,7 +30,8 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = D**-0.5
 
-    def forward(self, h, rope, bias, cache=None):
+    def forward(self, h, rope, bias, cache=None, varlen=None):
+        """varlen: (cu_seqlens, max_len) of packed documents (training on CUDA): flash attention per document."""
         Bsz, T, _ = h.shape
         q = self.q_proj(h).view(Bsz, T, self.n_heads, self.head_dim)  # (B, T, H, D)
         k = self.k_proj(h).view(Bsz, T, self.n_kv, self.head_dim)  # (B, T, G, D)
@@ -39,6 +40,11 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if varlen is not None:
+            n = Bsz * T
+            o = varlen_causal(q.reshape(n, self.n_heads, -1), k.reshape(n, self.n_kv, -1), v.reshape(n, self.n_kv, -1),
+                              *varlen, self.scale)  # (B*T, H, D)
+            return self.o_proj(o.reshape(Bsz, T, -1))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|G, T, D)
         if cache is not None:
             k, v = cache.append(self.layer_idx, k=k, v=v)  # (B, G, S, D)

@@ -5,7 +5,9 @@ a 2-D padding mask.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -85,18 +87,26 @@ def rope_inv_freq(rope_parameters: dict, dim: int) -> torch.Tensor:
 class Rotary(nn.Module):
     """cos/sin tables for positions (B, T); applied with rotate-half pairing (dim j with j + dim/2), as Llama.
     inv_freq is recomputed per device instead of being a buffer: no state to save, and nothing for
-    meta-device loading (transformers' from_pretrained) to leave uninitialised."""
+    meta-device loading (transformers' from_pretrained) to leave uninitialised.
 
-    def __init__(self, rope_parameters: dict, dim: int):
+    pairs: keep only these rotary pairs of a `dim`-dimensional rotary embedding (MLA's decoupled RoPE built from
+    whole pairs of the teacher's head, zebra.convert.svd_mla): the table then has 2 * len(pairs) dims, pair m
+    rotating dims m and m + len(pairs) at the teacher's frequency of pair pairs[m]."""
+
+    def __init__(self, rope_parameters: dict, dim: int, pairs: tuple[int, ...] | None = None):
         super().__init__()
         self.rope_parameters, self.dim = dict(rope_parameters), dim
+        self.pairs = tuple(pairs) if pairs is not None else None
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     @torch.no_grad()
     def forward(self, position_ids, dtype):
         dev = position_ids.device
         if dev not in self._inv_freq:
-            self._inv_freq[dev] = rope_inv_freq(self.rope_parameters, self.dim).to(dev)
+            inv = rope_inv_freq(self.rope_parameters, self.dim)
+            if self.pairs is not None:
+                inv = inv[list(self.pairs)]
+            self._inv_freq[dev] = inv.to(dev)
         freqs = position_ids[..., None].float() * self._inv_freq[dev]  # (B, T, dim/2)
         emb = torch.cat([freqs, freqs], dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -110,6 +120,61 @@ def rotate_half(x):
 def apply_rope(x, cos, sin):
     """x (B, T, H, D); cos/sin (B, T, D)."""
     return x * cos[:, :, None] + rotate_half(x) * sin[:, :, None]
+
+
+# ---- attention over packed documents ---------------------------------------------------------------
+def doc_segments(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Start offsets of every document piece of every row in the flattened (B*T) batch, plus B*T at the end:
+    (n + 1,) int32, the cu_seqlens of flash attention's variable-length kernels."""
+    B, T = doc_ids.shape
+    starts = torch.ones_like(doc_ids, dtype=torch.bool)
+    starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
+    return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+
+
+def varlen_available(device: torch.device) -> bool:
+    """Flash attention over packed documents (torch.nn.attention.varlen, CUDA only, torch >= 2.10)."""
+    if device.type != "cuda" or os.environ.get("ZEBRA_ATTENTION", "auto") == "sdpa":
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=1)
+def _varlen_api():
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_causal(q, k, v, cu_seqlens, max_len: int, scale: float):
+    """Causal attention inside each document piece: q (n, H, D), k / v (n, G, D) with G dividing H (GQA)
+    -> (n, H, D_v). Works with both spellings of torch's API: `is_causal=` (2.10-2.11) and `window_size=`
+    (2.12+); the softmax scale is folded into q where the API has no `scale=`."""
+    varlen_attn, params = _varlen_api()
+    H, G = q.shape[1], k.shape[1]
+    if G != H:
+        if "enable_gqa" in params:
+            kw = {"enable_gqa": True}
+        else:
+            k, v, kw = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1), {}
+    else:
+        kw = {}
+    if "scale" in params:
+        kw["scale"] = scale
+    else:
+        q = q * (scale * q.shape[-1] ** 0.5)
+    if "is_causal" in params:
+        kw["is_causal"] = True
+    else:
+        kw["window_size"] = (-1, 0)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **kw)
 
 
 # ---- masks ------------------------------------------------------------------------------------------

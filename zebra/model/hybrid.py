@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..config import ZebraConfig
 from .attention import Attention
 from .cache import ZebraCache
-from .common import MLP, RMSNorm, Rotary, attention_bias, rope_inv_freq
+from .common import MLP, RMSNorm, Rotary, attention_bias, doc_segments, rope_inv_freq, varlen_available
 from .mamba2 import Mamba2
 from .mla import MLA
 
@@ -57,7 +57,8 @@ class ZebraDecoderLayer(nn.Module):
         if self.mixer_type == "mamba2":
             x = self.mamba(x, ctx["token_mask"], cache, ctx.get("doc_ids"))
         else:
-            x = self.self_attn(x, ctx["rope_" + self.mixer_type], ctx["bias"], cache)
+            rope = ctx["rope_attention"] if self.mixer_type == "attention" else ctx["rope_mla"][self.self_attn.rope_key]
+            x = self.self_attn(x, rope, ctx["bias"], cache, ctx.get("varlen"))
         h = h + x
         out = h + self.mlp(self.post_attention_layernorm(h))
         return (out, x) if return_mixer else out
@@ -105,9 +106,24 @@ class ZebraModel(ZebraPreTrainedModel):
         self.layers = nn.ModuleList([ZebraDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config.rope_config, config.head_dim)
-        self.rotary_mla = Rotary(config.rope_config, config.qk_rope_head_dim)
+        self._rotary_mla: dict = {}  # rope_key -> Rotary (no state: built on demand, see mla_rotary)
         self.gradient_checkpointing = False
         self.post_init()
+
+    def mla_rotary(self, key) -> Rotary:
+        """MLA's decoupled RoPE for a layer's rope_key: the teacher's rotary pairs `key` (config.mla_rope_pairs),
+        or None for the paper's frequencies recomputed over d_r dims."""
+        if key not in self._rotary_mla:
+            cfg = self.config
+            self._rotary_mla[key] = (Rotary(cfg.rope_config, cfg.qk_rope_head_dim) if key is None
+                                     else Rotary(cfg.rope_config, cfg.head_dim, key))
+        return self._rotary_mla[key]
+
+    def rope(self, layer, position_ids, dtype):
+        """(cos, sin) for an attention or MLA layer at these positions."""
+        if layer.mixer_type == "attention":
+            return self.rotary(position_ids, dtype)
+        return self.mla_rotary(layer.self_attn.rope_key)(position_ids, dtype)
 
     def get_input_embeddings(self):
         return self.embed_tokens
@@ -116,7 +132,7 @@ class ZebraModel(ZebraPreTrainedModel):
         self.embed_tokens = value
 
     def context(self, attention_mask, position_ids, B: int, T: int, past: int, dtype, device, doc_ids=None,
-                mixer_types=None) -> dict:
+                mixer_types=None, mla_rope_keys=None) -> dict:
         """Everything the layers share for one forward: rope tables, attention bias, token mask.
         doc_ids (B, T): packed documents, non-decreasing per row; attention stays inside a document, Mamba2
         resets its conv and state at each boundary, and positions restart at 0 (unless position_ids given)."""
@@ -141,7 +157,15 @@ class ZebraModel(ZebraPreTrainedModel):
                 position_ids = torch.arange(past, S, device=device)[None].expand(B, T)
         # From the layers, not the config: stages swap layers in place (mixer_types overrides for that).
         types = set(mixer_types) if mixer_types is not None else {layer.mixer_type for layer in self.layers}
-        if attention_mask is None and doc_ids is None and past == 0:
+        varlen = None
+        half = dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled(device.type)
+        cfg = self.config
+        same_dims = "mla" not in types or cfg.qk_nope_head_dim + cfg.qk_rope_head_dim == cfg.head_dim
+        if doc_ids is not None and types & {"mla", "attention"} and half and same_dims and varlen_available(device):
+            # flash attention inside each document piece (padding is a piece of its own): no T x T mask
+            varlen = (doc_segments(doc_ids), T)
+            bias = None
+        elif attention_mask is None and doc_ids is None and past == 0:
             bias = None  # plain causal: the mixers pass is_causal to SDPA (flash kernels, no T x S mask)
         else:
             bias = attention_bias(attention_mask, T, S, dtype, device) if types & {"mla", "attention"} else None
@@ -151,12 +175,15 @@ class ZebraModel(ZebraPreTrainedModel):
         ctx = {
             "token_mask": attention_mask[:, -T:] if attention_mask is not None else None,
             "bias": bias,
+            "varlen": varlen,
             "doc_ids": doc_ids,
         }
         if "attention" in types:
             ctx["rope_attention"] = self.rotary(position_ids, dtype)
         if "mla" in types:
-            ctx["rope_mla"] = self.rotary_mla(position_ids, dtype)
+            keys = {layer.self_attn.rope_key for layer in self.layers if layer.mixer_type == "mla"}
+            keys |= set(mla_rope_keys or ())
+            ctx["rope_mla"] = {key: self.mla_rotary(key)(position_ids, dtype) for key in keys}
         return ctx
 
     def forward(

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .common import apply_rope
+from .common import apply_rope, varlen_causal
 
 
 class MLA(nn.Module):
@@ -43,6 +43,10 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(self.r_kv, G * (self.d_nope + self.d_v), bias=bias)
         self.o_proj = nn.Linear(H * self.d_v, d, bias=False)
         self.scale = config.head_dim**-0.5  # the teacher's scale (d_nope + d_r = d_h in the paper's configs)
+        # the teacher's rotary pairs this layer's RoPE dims come from (zebra.convert.svd_mla), or None: the paper's
+        # frequencies recomputed over d_r dims
+        pairs = (getattr(config, "mla_rope_pairs", None) or {}).get(str(layer_idx))
+        self.rope_key = tuple(int(p) for p in pairs) if pairs is not None else None
         self.absorb = "decode"  # "decode": absorbed for one-token steps; "always" / "never" for tests
 
     def _queries(self, h):
@@ -50,7 +54,7 @@ class MLA(nn.Module):
         q = q.view(*h.shape[:2], self.n_heads, self.d_nope + self.d_r)  # (B, T, H, d_nope + d_r)
         return q[..., : self.d_nope], q[..., self.d_nope :]
 
-    def forward(self, h, rope, bias, cache=None):
+    def forward(self, h, rope, bias, cache=None, varlen=None):
         Bsz, T, _ = h.shape
         cos, sin = rope
         q_nope, q_rope = self._queries(h)
@@ -63,10 +67,10 @@ class MLA(nn.Module):
         if use_absorbed:
             o = self._absorbed(q_nope, q_rope, c_kv, k_rope, bias)
         else:
-            o = self._decompressed(q_nope, q_rope, c_kv, k_rope, bias)
+            o = self._decompressed(q_nope, q_rope, c_kv, k_rope, bias, varlen)
         return self.o_proj(o.reshape(Bsz, T, self.n_heads * self.d_v))
 
-    def _decompressed(self, q_nope, q_rope, c_kv, k_rope, bias):
+    def _decompressed(self, q_nope, q_rope, c_kv, k_rope, bias, varlen=None):
         Bsz, S, _ = c_kv.shape
         H, G = self.n_heads, self.n_kv
         kv = self.kv_b_proj(c_kv).view(Bsz, S, G, self.d_nope + self.d_v)
@@ -75,6 +79,10 @@ class MLA(nn.Module):
         k = torch.cat([k_nope.repeat_interleave(rep, dim=2), k_rope[:, :, None].expand(-1, -1, H, -1)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)  # (B, T, H, d_nope + d_r)
         v = v.repeat_interleave(rep, dim=2)  # (B, S, H, d_v)
+        if varlen is not None:  # packed documents on CUDA: flash attention per document (context checks d_qk == d_v)
+            n = Bsz * S
+            o = varlen_causal(q.reshape(n, H, -1), k.reshape(n, H, -1), v.reshape(n, H, -1), *varlen, self.scale)
+            return o.view(Bsz, S, H, self.d_v)
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias,
             is_causal=bias is None and q.shape[1] > 1, scale=self.scale,

@@ -42,66 +42,63 @@ def ssd_naive(x, dt, A, Bm, Cm, initial_state=None, doc_ids=None):
 
 
 def _segsum(a):
-    """a (..., Q) log-decays -> (..., Q, Q) with [t, s] = sum_{s < r <= t} a_r for s <= t, -inf above the diagonal."""
+    """a (..., Q) log-decays -> (..., Q, Q) with [t, s] = sum_{s < r <= t} a_r for s <= t, -inf above the diagonal.
+    Each entry is summed directly (masked cumsum), never as a difference of two prefix sums: a_r = -inf (a state
+    reset) then gives exactly -inf, never inf - inf = nan, and there is no cancellation error."""
     Q = a.shape[-1]
-    cs = torch.cumsum(a, dim=-1)
-    diff = cs[..., :, None] - cs[..., None, :]  # (..., Q, Q): cs[t] - cs[s]
+    x = a[..., :, None].expand(*a.shape, Q)  # (..., r, s) = a_r
+    strict = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril(-1)  # r > s
+    seg = torch.cumsum(x.masked_fill(~strict, 0.0), dim=-2)  # [t, s] = sum_{s < r <= t} a_r
     causal = torch.ones(Q, Q, dtype=torch.bool, device=a.device).tril()
-    return diff.masked_fill(~causal, float("-inf"))
+    return seg.masked_fill(~causal, float("-inf"))
 
 
 def ssd_chunked(x, dt, A, Bm, Cm, initial_state=None, chunk_size: int = 64, doc_ids=None):
+    """SSD in chunks of Q tokens, all chunks at once (no Python loop, so torch.compile sees one graph):
+
+      1. inside a chunk, the quadratic (attention-like) form  y_t += sum_{s<=t} exp(seg[t, s]) (C_t . B_s) dt_s x_s;
+      2. each chunk's own state at its end                      S_c = sum_s exp(seg[Q-1, s]) dt_s x_s B_s^T;
+      3. the states entering every chunk, from a segsum over the chunk totals (the recurrence
+         S_in(c+1) = exp(sum of a over chunk c) S_in(c) + S_c written as one (c+1) x (c+1) decay matrix);
+      4. what the entering state contributes inside the chunk   y_t += exp(cumsum a up to t) S_in . C_t.
+
+    A document boundary sets that token's log-decay to -inf: the state is forgotten exactly there (a_t = 0) and
+    every later term that would cross it gets exp(-inf) = 0, so packed rows need no extra masks. fp32 throughout
+    (autocast off: the state must stay fp32; GEMMs may use TF32 where the caller allows it)."""
     Bsz, T, H, P = x.shape
     N = Bm.shape[-1]
     Q = chunk_size
-    pad = (-T) % Q
-    x, dt, Bm, Cm = (t.float() for t in (x, dt, Bm, Cm))
-    if pad:  # dt = 0 on padding: no decay and no input, so the final state is unchanged
-        x, Bm, Cm = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (x, Bm, Cm))
-        dt = F.pad(dt, (0, 0, 0, pad))
-        if doc_ids is not None:  # padding joins the last document
-            doc_ids = torch.cat([doc_ids, doc_ids[:, -1:].expand(-1, pad)], dim=1)
-    nc = x.shape[1] // Q
-    # (B, c, Q, H, ...) chunks
-    x, Bm, Cm = (t.reshape(Bsz, nc, Q, H, -1) for t in (x, Bm, Cm))
-    dt = dt.reshape(Bsz, nc, Q, H)
-    a = (dt * A.float()).permute(0, 3, 1, 2)  # (B, H, c, Q) log-decay per token
-    a_cs = torch.cumsum(a, dim=-1)  # (B, H, c, Q)
-    xdt = x * dt[..., None]  # (B, c, Q, H, P): dt_s * x_s
+    with torch.autocast(x.device.type, enabled=False):
+        g = dt.float() * A.float()  # (B, T, H) log-decay per token, <= 0
+        if doc_ids is not None:
+            starts = torch.zeros_like(doc_ids, dtype=torch.bool)
+            starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+            g = g.masked_fill(starts[..., None], float("-inf"))
+        xdt = x.float() * dt.float()[..., None]  # (B, T, H, P): dt_s x_s
+        Bf, Cf = Bm.float(), Cm.float()
+        pad = (-T) % Q
+        if pad:  # padding: no decay (g = 0) and no input (dt x = 0), so the final state is unchanged
+            xdt, Bf, Cf = (F.pad(t, (0, 0, 0, 0, 0, pad)) for t in (xdt, Bf, Cf))
+            g = F.pad(g, (0, 0, 0, pad))
+        nc = xdt.shape[1] // Q
+        # (B, H, c, Q, .) layout: every GEMM below is batched over (B, H, c)
+        chunks = lambda t: t.reshape(Bsz, nc, Q, H, -1).permute(0, 3, 1, 2, 4)  # noqa: E731
+        xdt, Bf, Cf = chunks(xdt), chunks(Bf), chunks(Cf)
+        g = g.reshape(Bsz, nc, Q, H).permute(0, 3, 1, 2)  # (B, H, c, Q)
 
-    if doc_ids is not None:
-        doc = doc_ids.reshape(Bsz, nc, Q)
-        doc_end = doc[:, :, -1]  # (B, c): the document a chunk's final state belongs to
-        doc_prev = torch.cat([doc[:, :1, 0], doc_end[:, :-1]], dim=1)  # (B, c): document of the entering state
+        seg = _segsum(g)  # (B, H, c, Q, Q)
+        y = ((Cf @ Bf.transpose(-1, -2)) * torch.exp(seg)) @ xdt  # 1. (B, H, c, Q, P)
+        to_end = torch.exp(seg[..., -1, :])  # (B, H, c, Q): decay from each token to the chunk's end
+        states = xdt.transpose(-1, -2) @ (Bf * to_end[..., None])  # 2. (B, H, c, P, N)
 
-    # 1. inside each chunk: y[t] = sum_{s<=t} exp(cs[t]-cs[s]) (C_t . B_s) dt_s x_s
-    decay = torch.exp(_segsum(a))  # (B, H, c, Q, Q)
-    if doc_ids is not None:  # no mixing across documents
-        decay = decay * (doc[:, :, :, None] == doc[:, :, None, :])[:, None].float()
-    scores = torch.einsum("bctHn,bcsHn->bHcts", Cm, Bm) * decay
-    y = torch.einsum("bHcts,bcsHp->bctHp", scores, xdt)
+        cs = torch.cumsum(g, dim=-1)  # (B, H, c, Q): log-decay from the chunk start through t (-inf after a reset)
+        s0 = (torch.zeros(Bsz, H, P, N, device=x.device, dtype=torch.float32) if initial_state is None
+              else initial_state.float())
+        states = torch.cat([s0[:, :, None], states], dim=2)  # (B, H, c+1, P, N)
+        chunk_decay = torch.exp(_segsum(F.pad(cs[..., -1], (1, 0))))  # 3. (B, H, c+1, c+1)
+        entering = torch.einsum("bhzc,bhcpn->bhzpn", chunk_decay, states)  # state after chunk z-1 (z=0: s0)
+        prev, final = entering[:, :, :-1], entering[:, :, -1]
 
-    # 2. each chunk's own contribution to the state at its end
-    to_end = torch.exp(a_cs[..., -1:] - a_cs)  # (B, H, c, Q)
-    if doc_ids is not None:  # only the chunk's last document reaches its final state
-        to_end = to_end * (doc == doc_end[..., None])[:, None].float()
-    chunk_states = torch.einsum("bHcs,bcsHn,bcsHp->bcHpn", to_end, Bm, xdt)  # (B, c, H, P, N)
-
-    # 3. carry the state across chunks: S_c = exp(sum a over chunk c) * S_{c-1} + chunk_states[c]
-    state = x.new_zeros(Bsz, H, P, N) if initial_state is None else initial_state.float()
-    chunk_decay = torch.exp(a_cs[..., -1])  # (B, H, c)
-    if doc_ids is not None:  # a state crosses a chunk only if the chunk ends in the same document
-        chunk_decay = chunk_decay * (doc_end == doc_prev)[:, None].float()
-    states_before = []
-    for c in range(nc):
-        states_before.append(state)
-        state = chunk_decay[:, :, c, None, None] * state + chunk_states[:, c]
-    prev = torch.stack(states_before, dim=1)  # (B, c, H, P, N): state entering chunk c
-
-    # 4. what the entering state contributes inside the chunk: exp(cs[t]) * prev @ C_t
-    carry = torch.exp(a_cs)  # (B, H, c, Q)
-    if doc_ids is not None:
-        carry = carry * (doc == doc_prev[..., None])[:, None].float()
-    y = y + torch.einsum("bctHn,bcHpn,bHct->bctHp", Cm, prev, carry)
-    y = y.reshape(Bsz, nc * Q, H, P)[:, :T]
-    return y, state
+        y = y + (Cf @ prev.transpose(-1, -2)) * torch.exp(cs)[..., None]  # 4. (B, H, c, Q, P)
+        y = y.permute(0, 2, 3, 1, 4).reshape(Bsz, nc * Q, H, P)[:, :T]
+    return y, final

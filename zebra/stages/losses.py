@@ -2,7 +2,7 @@
 (SPEC 7, Eq. 13), and sigmoid DPO (SPEC 8).
 
     loss, n = forward_kl_per_token(teacher_logits, student_logits, mask)       # reference, full logits
-    loss, n = chunked_kl_from_hidden(h_s, model.lm_head, h_t, teacher.lm_head, mask, chunk_tokens=1024)
+    loss, n = chunked_kl_from_hidden(h_s, model.lm_head, h_t, teacher.lm_head, mask, chunk_tokens=4096)  # fused
     loss, metrics = dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1)
     logp = sequence_logprob(logits, input_ids, response_mask)                  # (B,)
     loss = ild_loss(h_student, h_teacher, mixer_student, mixer_teacher, mask)
@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from ..ops.fused_kl import linear_kl
 
 
 def _fp32(x: torch.Tensor) -> torch.Tensor:
@@ -66,52 +67,27 @@ def _head_params(head) -> tuple[torch.Tensor, torch.Tensor | None]:
     raise TypeError(f"head must be an nn.Linear or a (V, d) weight tensor, got {type(head).__name__}")
 
 
-def _chunk_kl_sum(s_h, s_w, s_b, t_h, t_w, t_b, temperature: float) -> torch.Tensor:
-    """Summed KL of one chunk of tokens, from hidden states: the (n_chunk, V) logits live only in here."""
-    s_logits = F.linear(s_h, s_w, s_b)  # (n_chunk, V)
-    with torch.no_grad():
-        t_logits = F.linear(t_h, t_w, t_b)  # (n_chunk, V)
-    return _kl_rows(t_logits, s_logits, temperature).sum()
-
-
 def chunked_kl_from_hidden(student_hidden: torch.Tensor, student_head, teacher_hidden: torch.Tensor, teacher_head,
-                           mask: torch.Tensor | None = None, chunk_tokens: int = 1024,
+                           mask: torch.Tensor | None = None, chunk_tokens: int = 4096,
                            temperature: float = 1.0) -> tuple[torch.Tensor, int]:
     """`forward_kl_per_token` of head(hidden) for both models, without materialising (B*T, V) float32 logits.
 
-    Counted token positions are flattened and processed `chunk_tokens` at a time; each chunk's logits + KL run
-    under torch.utils.checkpoint, so backward recomputes them instead of keeping every chunk's (n_chunk, V)
-    activations alive. Peak extra memory is O(chunk_tokens * V), not O(B * T * V). Gradients reach the student's
-    hidden states and head (weight, bias) only. hidden: (B, T, d) and (B, T, d_t); heads map to the same V."""
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    Counted token positions are flattened and handed to zebra.ops.fused_kl.linear_kl, which computes the KL and
+    its gradient chunk by chunk in one pass (peak extra memory O(chunk_tokens * V), no recomputation in backward).
+    Gradients reach the student's hidden states and head (weight, bias) only. hidden: (B, T, d) and (B, T, d_t);
+    heads map to the same V. Returns (mean KL over counted tokens, number of counted tokens)."""
     if student_hidden.shape[:2] != teacher_hidden.shape[:2]:
         raise ValueError(f"student hidden {tuple(student_hidden.shape)} and teacher hidden "
                          f"{tuple(teacher_hidden.shape)} differ in (B, T)")
     s_w, s_b = _head_params(student_head)
     t_w, t_b = _head_params(teacher_head)
-    t_w = t_w.detach()
-    t_b = t_b.detach() if t_b is not None else None
-    if s_w.shape[0] != t_w.shape[0]:
-        raise ValueError(f"student head has {s_w.shape[0]} outputs, teacher head {t_w.shape[0]}: the models must "
-                         "share the vocabulary")
-
     m = _token_mask(mask, student_hidden.shape[:2], student_hidden.device)  # (B, T)
     idx = m.reshape(-1).nonzero().squeeze(-1)  # (n,)
     n = idx.numel()
     s_flat = student_hidden.reshape(-1, student_hidden.shape[-1]).index_select(0, idx)  # (n, d)
     t_flat = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]).index_select(0, idx)  # (n, d_t)
-
-    # Checkpointing only pays when a backward will follow; under no_grad call the chunk function directly.
-    use_ckpt = torch.is_grad_enabled() and (s_flat.requires_grad or s_w.requires_grad)
-    total = s_flat.sum() * 0.0  # differentiable 0 when no token counts
-    for start in range(0, n, chunk_tokens):
-        args = (s_flat[start:start + chunk_tokens], s_w, s_b, t_flat[start:start + chunk_tokens], t_w, t_b,
-                temperature)
-        if use_ckpt:
-            total = total + checkpoint(_chunk_kl_sum, *args, use_reentrant=False)
-        else:
-            total = total + _chunk_kl_sum(*args)
+    total = linear_kl(s_flat, s_w, t_flat, t_w, chunk_tokens=chunk_tokens, temperature=temperature,
+                      student_bias=s_b, teacher_bias=t_b)
     return total / max(n, 1), n
 
 

@@ -36,7 +36,8 @@ def layer_sensitivity(teacher, mamba_model, mla_model, seqs: list[torch.Tensor],
         h = m.embed_tokens(ids)
         B, T, _ = h.shape
         mla_layers = mla_model.model.layers
-        ctx = m.context(mask, None, B, T, 0, h.dtype, h.device, mixer_types={"mla", "mamba2"})
+        keys = {layer.self_attn.rope_key for layer in mla_layers}
+        ctx = m.context(mask, None, B, T, 0, h.dtype, h.device, mixer_types={"mla", "mamba2"}, mla_rope_keys=keys)
         inputs = []
         for layer in m.layers:  # all-Mamba2 pass, remembering every layer's input
             inputs.append(h)
