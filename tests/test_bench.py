@@ -64,6 +64,8 @@ def test_paper_variants_for_the_8b_shape():
 
 
 def test_training_flops_count_six_per_trained_parameter():
+    """MFU's numerator: 2 x params for the teacher's forward, 6 x trained params (+ attention scores / SSD terms);
+    for mixer-only ILD only the mixers' parameters count as trained."""
     from zebra.bench.train import model_flops_per_token
     from test_model import tiny_model
 
@@ -73,17 +75,40 @@ def test_training_flops_count_six_per_trained_parameter():
     m = s.model.layers[0].mamba
     T = 64
     attn = 4 * (T / 2) * 4 * 16  # scores + values, causal half, 4 heads x head_dim 16
-    want = 2 * n_t + attn + 6 * n_s + 3 * 2 * 2 * m.d_inner * m.d_state
-    assert model_flops_per_token("ild", t, s, T) == pytest.approx(want)
+    assert model_flops_per_token("ild", t, s, T) == pytest.approx(2 * n_t + attn + 6 * n_s + 3 * 2 * 2 * m.d_inner * m.d_state)
+    n_mix = sum(p.numel() for p in m.parameters())
+    assert model_flops_per_token("ild", t, {"mamba2": s}, T) == pytest.approx(
+        2 * n_t + attn + 6 * n_mix + 3 * 2 * 2 * m.d_inner * m.d_state)
 
 
-def test_train_step_throughput_runs_on_cpu():
-    from zebra.bench.train import train_step_throughput
+@pytest.mark.parametrize("stage", ["ild", "distill"])
+def test_train_throughput_drives_the_trainer_on_cpu(stage, monkeypatch):
+    """The benchmark runs the real Trainer (its metrics) with the stage's own loss function: the loss functions
+    are called once per micro-batch of every step, warmup included."""
+    from zebra.bench import train as bt
+    from zebra.stages import distill, ild
     from test_model import tiny_model
 
-    teacher, student = tiny_model(["attention"] * 2), tiny_model(["mla", "mamba2"], seed=1)
-    r = train_step_throughput("distill", teacher, student, 2, 32, steps=2, warmup=1, backend="torch")
-    assert r["tokens_per_s"] > 0 and r["mfu"] is None and torch.isfinite(torch.tensor(r["loss"]))
+    calls = []
+    for mod, name in ((distill, "make_distill_loss"), (ild, "make_ild_loss")):
+        real = getattr(mod, name)
+
+        def spy(*a, _real=real, **k):
+            fn = _real(*a, **k)
+
+            def wrapped(batch):
+                calls.append(batch["input_ids"].shape)
+                return fn(batch)
+            wrapped.count = fn.count
+            return wrapped
+        monkeypatch.setattr(mod, name, spy)
+    teacher = tiny_model(["attention"] * 2)
+    students = ({"mla": tiny_model(["mla"] * 2, seed=1), "mamba2": tiny_model(["mamba2"] * 2, seed=2)}
+                if stage == "ild" else tiny_model(["mla", "mamba2"], seed=1))
+    r = bt.train_throughput(stage, teacher, students, 2, 32, steps=2, warmup=1, grad_accum=2, variant="eager")
+    assert len(calls) == (2 + 1) * 2 and calls[0] == (2, 32)
+    assert r["tokens_per_s"] > 0 and r["mfu"] is None and r["steps_timed"] == 2 and r["tokens_per_step"] == 128
+    assert torch.isfinite(torch.tensor(r["loss"]))
 
 
 def test_bench_cli_end_to_end_on_cpu(tmp_path):

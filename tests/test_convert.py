@@ -179,7 +179,8 @@ def test_hybrid_conversion_maps_every_weight(kind, tmp_path, capsys):
 
     teacher = save_teacher(tmp_path / "t", kind)
     rc, out, err = convert_cli(tmp_path / "t", tmp_path / "s", capsys, "--mla-layers", "0,3",
-                               "--attention-layers", "1", "--kv-rank", 64, "--q-rank", 32, "--seed", 5)
+                               "--attention-layers", "1", "--kv-rank", 64, "--q-rank", 32, "--seed", 5,
+                               "--rope-select", "last", "--conv-init", "random")  # the paper's mapping
     assert rc == 0, err
     assert "KV cache: 208 values/token vs 256 for the teacher (81.25%)" in out
     s = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
@@ -387,3 +388,88 @@ def test_embedded_teacher_all_attention_parity(teacher_dir, teacher_model, tmp_p
     x = tok("The capital of France is", return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(student(**x).logits, teacher_model(**x).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_head_dim_order_hand_checked():
+    """Paper layout: nope = first d_nope dims, rope = last d_r (half-pairs under rotate-half). Pairs layout:
+    rope = the chosen pairs' first halves then their second halves; nope = the other pairs, best scored first."""
+    from zebra.convert.svd_mla import head_dim_order
+
+    assert head_dim_order(8, 4, 4) == ([0, 1, 2, 3], [4, 5, 6, 7])
+    scores = torch.tensor([0.1, 5.0, 0.2, 3.0])  # pairs (0,4) (1,5) (2,6) (3,7) of an 8-dim head
+    assert head_dim_order(8, 4, 4, [1, 3], scores) == ([2, 6, 0, 4], [1, 3, 5, 7])
+    assert head_dim_order(8, 2, 4, [1, 3], scores) == ([2, 6], [1, 3, 5, 7])  # d_nope < the rest: best pairs kept
+
+
+def test_rope_pairs_by_norm_picks_the_heaviest_pairs():
+    """Pair j's score is sum over heads of ||W_Q pair j|| * ||W_K pair j of the head's group||: pairs whose
+    query or key rows are zero score 0 and are never chosen."""
+    from zebra.convert.svd_mla import rope_pair_scores, rope_pairs_by_norm
+
+    g = torch.Generator().manual_seed(0)
+    n_h, n_kv, d_h, d = 4, 2, 8, 16
+    q, k = torch.randn(n_h * d_h, d, generator=g), torch.randn(n_kv * d_h, d, generator=g)
+    qv = q.view(n_h, d_h, d)
+    qv[:, [0, 4]] = 0  # pair 0 dead in the queries
+    k.view(n_kv, d_h, d)[:, [2, 6]] = 0  # pair 2 dead in the keys
+    s = rope_pair_scores(q, k, n_h, n_kv, d_h)
+    assert s[0] == 0 and s[2] == 0 and s[1] > 0 and s[3] > 0
+    want = sum(qv[i, [1, 5]].norm() * k.view(n_kv, d_h, d)[i // 2, [1, 5]].norm() for i in range(n_h))
+    assert s[1].item() == pytest.approx(want.item(), rel=1e-6)
+    assert rope_pairs_by_norm(q, k, n_h, n_kv, d_h, 4) == [1, 3]
+
+
+def test_pair_preserving_rope_init_is_exact_where_the_paper_layout_is_not(tmp_path, capsys):
+    """An MQA teacher whose rotary pairs 1, 3, 5, 7 (of 8) carry nothing: with whole pairs (the heaviest ones, at the
+    teacher's frequencies) and full rank, the all-MLA student computes exactly the teacher's function; the paper's
+    'last d_r dims' layout at the same ranks does not (it rotates half-pairs at re-derived frequencies)."""
+    import transformers
+
+    from zebra.model.hybrid import ZebraForCausalLM
+
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                   head_dim=16, intermediate_size=128, vocab_size=128, rope_theta=100.0)
+    torch.manual_seed(0)
+    teacher = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for layer in teacher.model.layers:
+            for proj, heads in ((layer.self_attn.q_proj, 4), (layer.self_attn.k_proj, 1)):
+                w = proj.weight.view(heads, 16, 64)
+                w[:, [1, 3, 5, 7, 9, 11, 13, 15]] = 0  # rotary pairs 1, 3, 5, 7 (dims j, j + 8) of every head
+                w.mul_(3.0)  # large scores, so a wrong rotation shows
+    teacher.save_pretrained(tmp_path / "t")
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = teacher(ids).logits
+    errs = {}
+    for sel in ("pairs", "last"):
+        rc, out, err = convert_cli(tmp_path / "t", tmp_path / sel, capsys, "--mla-layers", "all", "--kv-rank", 32,
+                                   "--rope-dim", 8, "--nope-dim", 8, "--rope-select", sel)
+        assert rc == 0, err
+        s = ZebraForCausalLM.from_pretrained(tmp_path / sel).eval()
+        if sel == "pairs":
+            assert s.config.mla_rope_pairs == {"0": [0, 2, 4, 6], "1": [0, 2, 4, 6]}
+        with torch.no_grad():
+            errs[sel] = ((s(ids).logits - ref).norm() / ref.norm()).item()
+    assert errs["pairs"] < 1e-5
+    assert errs["last"] > 1e-2
+
+
+def test_identity_conv_init(tmp_path, capsys):
+    """--conv-init identity: every Mamba2 conv is the identity (last tap 1, the rest and the bias 0), so the
+    conv passes the teacher-mapped x, B, C through unchanged; random keeps Mamba2's default init."""
+    from zebra.model.hybrid import ZebraForCausalLM
+    from zebra.ops.conv import causal_conv1d
+
+    save_teacher(tmp_path / "t")
+    for init in ("identity", "random"):
+        rc, _, err = convert_cli(tmp_path / "t", tmp_path / init, capsys, "--mla-layers", "none",
+                                 "--conv-init", init)
+        assert rc == 0, err
+    conv = ZebraForCausalLM.from_pretrained(tmp_path / "identity").model.layers[1].mamba.conv1d
+    x = torch.randn(2, 9, conv.weight.shape[0])
+    with torch.no_grad():
+        y, _ = causal_conv1d(x, conv.weight, conv.bias)
+    torch.testing.assert_close(y, x)
+    rand = ZebraForCausalLM.from_pretrained(tmp_path / "random").model.layers[1].mamba.conv1d
+    assert rand.weight[:, 0, :-1].abs().sum() > 0 and rand.bias.abs().sum() > 0

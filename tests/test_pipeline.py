@@ -40,11 +40,12 @@ def write_config(root, name, **over):
         "seq_len": 64, "seed": 0, "device": "cpu",
         "student": {"num_mla": 2, "kv_rank": 16, "rope_dim": 8, "nope_dim": 8},
         "ild": {"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 1},
-        "distill": {"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 1},
+        "distill": {"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 1, "eval_every": 2,
+                    "curve_seqs": 2},
         "sensitivity": {"num_seqs": 2, "seq_len": 32, "batch_size": 2},
         "pairs": {"num_pairs": 4, "max_new_tokens": 6, "batch_size": 4},
         "dpo": {"lr": 1e-4, "batch_size": 2, "max_len": 64, "ckpt_every": 1},
-        "eval": {"num_seqs": 2, "seq_len": 32, "batch_size": 2},
+        "eval": {"num_seqs": 2, "seq_len": 32, "batch_size": 2, "plaintext_seqs": 2},
     }
     for k, v in over.items():
         cfg[k] = v
@@ -73,25 +74,35 @@ def test_full_run_then_interrupted_run_resumes_to_identical_weights(tiny_setup, 
     smart = json.loads((root / "run-a" / "smart" / "smart.json").read_text())
     assert len(smart["layers"]) == 2
 
+    top = json.loads((root / "run-a" / "summary.json").read_text())
+    assert top["student"]["kv_percent"] == pytest.approx(smart_kv(cfg))
+    assert top["student"]["heldout_kl"] > 0 and top["teacher"]["plaintext_ppl"] > 1 and top["total_seconds"] > 0
+    assert set(top["stage_seconds"]) >= {"init", "ild", "distill", "eval"}
+
     run_b = root / "run-b"
     monkeypatch.setenv("ZEBRA_STOP_AFTER_STEPS", "2")
     with pytest.raises(KeyboardInterrupt):
-        Run(cfg, run_b).run()  # killed in ild-mla after 2 of 4 steps
-    assert (run_b / "ild-mla" / "checkpoint.pt").exists() and not (run_b / "ild-mla" / "DONE").exists()
+        Run(cfg, run_b).run()  # killed in ild after 2 of 4 steps
+    assert (run_b / "ild" / "checkpoint.pt").exists() and not (run_b / "ild" / "DONE").exists()
     with pytest.raises(KeyboardInterrupt):
-        Run(cfg, run_b).run()  # resumes ild-mla, finishes it, then is killed in ild-mamba2
-    assert (run_b / "ild-mla" / "DONE").exists()
-    done_mtime = (run_b / "ild-mla" / "DONE").stat().st_mtime
+        Run(cfg, run_b).run()  # resumes ild, finishes it, then is killed in distill
+    assert (run_b / "ild" / "DONE").exists() and (run_b / "distill" / "checkpoint.pt").exists()
+    done_mtime = (run_b / "ild" / "DONE").stat().st_mtime
     monkeypatch.delenv("ZEBRA_STOP_AFTER_STEPS")
     capsys.readouterr()
     Run(cfg, run_b).run()
     out = capsys.readouterr().out
-    assert "init: done, skipping" in out and "ild-mla: done, skipping" in out
-    assert (run_b / "ild-mla" / "DONE").stat().st_mtime == done_mtime
+    assert "init: done, skipping" in out and "ild: done, skipping" in out
+    assert (run_b / "ild" / "DONE").stat().st_mtime == done_mtime
     a, b = final_weights(root / "run-a"), final_weights(run_b)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+
+
+def smart_kv(cfg):
+    """KV % of 2 MLA layers (r_kv 16 + d_r 8) of 4 teacher layers (2 KV heads x 16 dims x K and V)."""
+    return 100 * 2 * (16 + 8) / (4 * 2 * 2 * 16)
 
 
 def test_bad_configs_fail_clearly(tmp_path):
@@ -106,5 +117,15 @@ def test_bad_configs_fail_clearly(tmp_path):
     p.write_text("distill: {tokens: 0}\n")
     with pytest.raises(ZebraError, match="distill.tokens"):
         load_config(p)
+    p.write_text("distill: {tokens: 1e6, lr: 3e-4}\n")  # YAML reads these as strings: parsed, typed
+    cfg = load_config(p)
+    assert cfg["distill"]["tokens"] == 1_000_000 and cfg["distill"]["lr"] == 3e-4
+    for bad, key in (("distill: {tokens: 2.5}", "distill.tokens"), ("distill: {lr: fast}", "distill.lr"),
+                     ("ild: {mode: everything}", "ild.mode"), ("student: {kv_rank: [1]}", "student.kv_rank"),
+                     ("distill: {schedule: linear}", "distill.schedule"), ("ild: {betas: [0.9]}", "ild.betas"),
+                     ("compile: maybe", "compile"), ("student: {conv_init: zeros}", "student.conv_init")):
+        p.write_text(bad + "\n")
+        with pytest.raises(ZebraError, match=key.replace(".", r"\.")):
+            load_config(p)
     with pytest.raises(ZebraError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")

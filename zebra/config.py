@@ -44,6 +44,7 @@ class ZebraConfig(PretrainedConfig):
         q_lora_rank: int | None = None,
         qk_rope_head_dim: int = 32,
         qk_nope_head_dim: int | None = None,
+        mla_rope_pairs: dict | None = None,
         mamba_d_conv: int = 4,
         mamba_chunk_size: int = 64,
         mamba_dt_min: float = 0.001,
@@ -82,6 +83,9 @@ class ZebraConfig(PretrainedConfig):
         self.q_lora_rank = q_lora_rank
         self.qk_rope_head_dim = qk_rope_head_dim
         self.qk_nope_head_dim = qk_nope_head_dim if qk_nope_head_dim is not None else self.head_dim - qk_rope_head_dim
+        # {layer index (str): the teacher's rotary pairs that are the layer's RoPE dims}; layers not listed (or
+        # None) use the paper's layout: frequencies recomputed over qk_rope_head_dim dims
+        self.mla_rope_pairs = {str(k): [int(p) for p in v] for k, v in mla_rope_pairs.items()} if mla_rope_pairs else None
         self.mamba_d_conv = mamba_d_conv
         self.mamba_chunk_size = mamba_chunk_size
         self.mamba_dt_min = mamba_dt_min
@@ -133,6 +137,11 @@ class ZebraConfig(PretrainedConfig):
                 raise ValueError(f"MLA kv rank must be positive, got {self.kv_lora_rank}")
             if self.q_lora_rank is not None and self.q_lora_rank <= 0:
                 raise ValueError(f"MLA q rank must be positive or None, got {self.q_lora_rank}")
+            for k, pairs in (self.mla_rope_pairs or {}).items():
+                if 2 * len(pairs) != self.qk_rope_head_dim or len(set(pairs)) != len(pairs) or not all(
+                        0 <= p < self.head_dim // 2 for p in pairs):
+                    raise ValueError(f"mla_rope_pairs[{k}] = {pairs}: need {self.qk_rope_head_dim // 2} distinct "
+                                     f"rotary pairs in [0, {self.head_dim // 2})")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
 

@@ -1,24 +1,23 @@
 """`zebra run CONFIG.yaml`: the whole Zebra-Llama post-training pipeline (SPEC 1), resumable.
 
     init        pure-MLA and pure-Mamba2 students from the base model (SVD / attention-to-Mamba2 init)
-    ild-mla     intermediate layer distillation of the pure-MLA student      (SPEC 4, 20% of the data)
-    ild-mamba2  the same for the pure-Mamba2 student
-    sensitivity per-layer scores s_i = KL_0 - KL_i + bar plot                (SPEC 5)
-    smart       the MLA layer indices (SMART, or the config's list / KV budget) (SPEC 6)
-    compose     the hybrid from the two ILD-refined models (and the init hybrid, for the KL baseline)
-    distill     end-to-end KD from the teacher on the other 80%               (SPEC 7)
-    pairs       preference pairs: dataset reply vs the student's own sample
-    dpo         DPO with the distilled student as frozen reference            (SPEC 8)
-    report      report.md: KL after each stage, chosen layers, KV %, plots, throughput
+    ild         intermediate layer distillation of both pools from one teacher pass   (SPEC 4, 20% of the data)
+    sensitivity per-layer scores s_i = KL_0 - KL_i + bar plot                             (SPEC 5)
+    smart       the MLA layer indices (SMART, or the config's list / KV budget)           (SPEC 6)
+    compose     the hybrid from the two ILD pools (and the init hybrid, for the KL baseline)
+    distill     end-to-end KD from the teacher on the other 80%, with a held-out KL curve (SPEC 7)
+    pairs       preference pairs: dataset reply vs the student's own sample      (skipped: dpo.enabled false)
+    dpo         DPO with the distilled student as frozen reference                (SPEC 8; optional)
+    eval        the final student vs the teacher: held-out chat KL / top-1, plain-text perplexity, lm-eval tasks
+    report      report.md: KL after each stage, layers, KV %, accuracy table, curves, throughput
 
 Each stage writes RUN/<stage>/ with config.json (the resolved config), metrics.jsonl, its outputs and a
 DONE marker written last. A re-run skips stages that are DONE; a training stage that was interrupted
-resumes from its last atomic checkpoint.
+resumes from its last atomic checkpoint. RUN/summary.json (written by eval) holds the headline numbers.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -26,76 +25,41 @@ from pathlib import Path
 import torch
 
 from .errors import ZebraError
+from .runconfig import DEFAULTS, load_config  # noqa: F401  (re-exported: zebra.pipeline.load_config)
 
-STAGES = ["init", "ild-mla", "ild-mamba2", "sensitivity", "smart", "compose", "distill", "pairs", "dpo", "report"]
-
-DEFAULTS = {
-    "name": "zebra-run",
-    "base": "smollm2-135m-instruct",  # the model the student is built from (init + ILD teacher)
-    "teacher": None,  # the end-to-end KD teacher (same tokenizer); default: the base model
-    "data": ["sharegpt"],  # chat / text sources, see zebra/data/sources.py
-    "seq_len": 2048,
-    "seed": 0,
-    "ild_fraction": 0.2,
-    "device": "auto",
-    "student": {"num_mla": 6, "mla_layers": None, "kv_budget": None, "kv_rank": 64, "q_rank": None,
-                "rope_dim": 32, "nope_dim": None},
-    "ild": {"tokens": 1_000_000, "lr": 8e-5, "batch_size": 4, "grad_accum": 1, "ckpt_every": 50,
-            "grad_checkpointing": False, "warmup_frac": 0.01},
-    "sensitivity": {"num_seqs": 64, "seq_len": 512, "batch_size": 8},
-    "distill": {"tokens": 4_000_000, "lr": 8e-5, "batch_size": 4, "grad_accum": 1, "ckpt_every": 50,
-                "grad_checkpointing": False, "warmup_frac": 0.01, "loss_on": "assistant"},
-    "pairs": {"num_pairs": 256, "max_new_tokens": 128, "temperature": 1.0, "batch_size": 32},
-    "dpo": {"lr": 5e-7, "beta": 0.1, "epochs": 1, "batch_size": 4, "grad_accum": 1, "max_len": 1024,
-            "ckpt_every": 50, "pairs_file": None},  # pairs_file: your own (prompt, chosen, rejected) JSONL
-    "eval": {"num_seqs": 64, "seq_len": 512, "batch_size": 8},
-}
+STAGES = ["init", "ild", "sensitivity", "smart", "compose", "distill", "pairs", "dpo", "eval", "report"]
+TRAINED = ("ild", "distill", "dpo")
 
 
-# ---- config -----------------------------------------------------------------------------------------
-def _merge(base: dict, over: dict, where: str = "") -> dict:
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if k not in base:
-            raise ZebraError(f"unknown config key {where}{k!r} (known: {', '.join(sorted(base))})")
-        if isinstance(base[k], dict):
-            if not isinstance(v, dict):
-                raise ZebraError(f"config key {where}{k!r} must be a mapping")
-            out[k] = _merge(base[k], v, f"{where}{k}.")
-        else:
-            out[k] = v
+def _layer_list(spec, L: int, key: str) -> list[int] | None:
+    """A config layer list: None, "all", "none", "every-K" (0, K, 2K, ...) or a list of indices."""
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        s = spec.strip().lower()
+        if s == "all":
+            return list(range(L))
+        if s == "none":
+            return []
+        if s.startswith("every-") and s[6:].isdigit() and int(s[6:]) > 0:
+            return list(range(0, L, int(s[6:])))
+        raise ZebraError(f"config key {key!r}: {spec!r} is not a layer list (a list, 'all', 'none' or 'every-K')")
+    out = sorted({int(i) for i in spec})
+    bad = [i for i in out if not 0 <= i < L]
+    if bad:
+        raise ZebraError(f"config key {key!r}: layers {bad} are outside [0, {L - 1}]")
     return out
 
 
-def load_config(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.exists():
-        raise ZebraError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ZebraError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ZebraError(f"{path} must hold a mapping of settings")
-    cfg = _merge(DEFAULTS, raw)
-    cfg["teacher"] = cfg["teacher"] or cfg["base"]
-    for stage in ("ild", "distill"):
-        if cfg[stage]["tokens"] <= 0:
-            raise ZebraError(f"{stage}.tokens must be positive")
-    if cfg["seq_len"] < 16:
-        raise ZebraError("seq_len must be at least 16")
-    return cfg
-
-
-# ---- the run ----------------------------------------------------------------------------------------
 class Run:
     def __init__(self, cfg: dict, out_dir: str | Path):
+        from .stages.fastpath import want_compile
+
         self.cfg, self.out = cfg, Path(out_dir)
         dev = cfg["device"]
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
-        self._teachers: dict[str, object] = {}
+        self.compile = want_compile(cfg["compile"], self.device)
+        self._teachers: dict = {}
         self._heldout = None
         self.tok = None
 
@@ -113,21 +77,31 @@ class Run:
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(d / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
-    def teacher(self, which: str):
-        """The base or KD teacher as an all-attention Zebra model (exactly the teacher), cached."""
+    def teacher(self, which: str, dtype: torch.dtype | None = None):
+        """The base or KD teacher as an all-attention Zebra model (exactly the teacher), frozen, cached per dtype.
+        Training uses bf16 on CUDA (no per-step weight casts under autocast); evaluation fp32."""
         name = self.cfg[which]
-        if name not in self._teachers:
+        dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        key = (name, dtype)
+        if key not in self._teachers:
             from .convert.build import build_student
 
             model, tok, _ = build_student(name, "none", "all")
             for p in model.parameters():
                 p.requires_grad_(False)
-            self._teachers[name] = model.to(self.device).eval()
+            self._teachers[key] = model.to(device=self.device, dtype=dtype).eval()
             if self.tok is None:
                 if tok.pad_token is None:
                     tok.pad_token = tok.eos_token
                 self.tok = tok
-        return self._teachers[name]
+        return self._teachers[key]
+
+    def eval_teacher(self):
+        """The teacher that held-out metrics compare with: fp32 up to 1B parameters (cheap), else the bf16 one."""
+        t = self.teacher("teacher")
+        if sum(p.numel() for p in t.parameters()) <= 1e9:
+            return self.teacher("teacher", torch.float32)
+        return t
 
     def tokenizer(self):
         if self.tok is None:
@@ -155,27 +129,30 @@ class Run:
             self._heldout = heldout_sequences(self.tokenizer(), e["num_seqs"], e["seq_len"])
         return self._heldout
 
-    def kl(self, model) -> dict:
+    def kl(self, model, seqs=None) -> dict:
         from .eval.agreement import agreement
 
-        teacher = self.teacher("teacher")
-        return agreement(teacher, model, self.heldout(), batch_size=self.cfg["eval"]["batch_size"])
+        return agreement(self.eval_teacher(), model, seqs if seqs is not None else self.heldout(),
+                         batch_size=self.cfg["eval"]["batch_size"])
 
-    def stream(self, split: str, stage: dict):
+    def stream(self, split: str, stage: dict, loss_on: str = "all"):
         from .data.packing import build_dataset
 
-        return build_dataset(self.tokenizer(), self.cfg["data"], seq_len=self.cfg["seq_len"], split=split,
-                             seed=self.cfg["seed"], max_tokens=stage["tokens"], batch_size=stage["batch_size"],
-                             ild_fraction=self.cfg["ild_fraction"], loss_on=stage.get("loss_on", "all"),
+        return build_dataset(self.tokenizer(), self.cfg["data"], seq_len=stage.get("seq_len") or self.cfg["seq_len"],
+                             split=split, seed=self.cfg["seed"], max_tokens=stage["tokens"],
+                             batch_size=stage["batch_size"], ild_fraction=self.cfg["ild_fraction"], loss_on=loss_on,
                              cache_dir=self.out / "data-cache")
 
-    def train_config(self, stage: dict, tokens: int):
+    def train_config(self, stage: dict, tokens: int, **extra):
         from .stages.trainer import TrainConfig
 
-        return TrainConfig(tokens=tokens, lr=stage["lr"], batch_size=stage["batch_size"],
-                           grad_accum=stage["grad_accum"], ckpt_every=stage["ckpt_every"], seed=self.cfg["seed"],
-                           warmup_frac=stage.get("warmup_frac", 0.01),
-                           grad_checkpointing=stage.get("grad_checkpointing", False))
+        keys = ("lr", "batch_size", "grad_accum", "ckpt_every", "grad_checkpointing", "warmup_frac",
+                "warmup_steps", "schedule", "decay_frac", "token_weighting", "eval_every")
+        kw = {k: stage[k] for k in keys if k in stage}
+        if "betas" in stage:
+            kw["betas"] = tuple(stage["betas"])
+        kw.update(extra)
+        return TrainConfig(tokens=tokens, seed=self.cfg["seed"], **kw)
 
     def write_stage_config(self, name: str, extra: dict | None = None) -> Path:
         d = self.stage_dir(name)
@@ -183,36 +160,58 @@ class Run:
         (d / "config.json").write_text(json.dumps({"stage": name, "run": self.cfg, **(extra or {})}, indent=2) + "\n")
         return d
 
+    def final_model_dir(self) -> Path:
+        return self.stage_dir("dpo" if self.cfg["dpo"]["enabled"] else "distill") / "model"
+
+    def num_layers(self) -> int:
+        from .convert.teacher import load_teacher_config
+
+        return int(load_teacher_config(self.cfg["base"])["num_hidden_layers"])
+
     # stages -------------------------------------------------------------------------------------------
     def run_init(self):
         from .convert.build import build_student, save_model
+        from .stages.ild import make_ild_loss
 
         s = self.cfg["student"]
         d = self.write_stage_config("init")
-        out = {}
+        out, models = {}, {}
         for kind, mla in (("mla", "all"), ("mamba2", "none")):
             model, tok, report = build_student(self.cfg["base"], mla, "none", kv_rank=s["kv_rank"], q_rank=s["q_rank"],
-                                               rope_dim=s["rope_dim"], nope_dim=s["nope_dim"], seed=self.cfg["seed"])
+                                               rope_dim=s["rope_dim"], nope_dim=s["nope_dim"], seed=self.cfg["seed"],
+                                               rope_select=s["rope_select"], conv_init=s["conv_init"])
             save_model(model, tok, d / kind, report)
             out[kind] = report["kv"]
-        return {"kv": out}
+            models[kind] = model.to(self.device).eval()
+        # the per-layer attention-output error of the initialised mixers on held-out chat (SPEC 3.1's comparison)
+        from .eval.agreement import pad_batch
 
-    def run_ild(self, kind: str):
+        ids, mask = pad_batch(self.heldout()[:8])
+        with torch.no_grad():
+            _, _, metrics = make_ild_loss(self.eval_teacher(), models, "mixers")(
+                {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)})
+        return {"kv": out, "mixer_rel_err": metrics}
+
+    def run_ild(self):
         from .convert.build import save_model
+        from .stages.fastpath import compile_layers
         from .stages.ild import ild_parameters, make_ild_loss
         from .stages.trainer import Trainer
 
-        name = f"ild-{kind}"
         st = self.cfg["ild"]
-        d = self.write_stage_config(name)
-        student = self.load(self.stage_dir("init") / kind)
+        d = self.write_stage_config("ild")
+        students = {k: self.load(self.stage_dir("init") / k) for k in ("mla", "mamba2")}
         teacher = self.teacher("base")
-        params = ild_parameters(student)
-        stream = self.stream("ild", st)
-        trainer = Trainer(student, params, make_ild_loss(teacher, student, st["grad_checkpointing"]), stream,
-                          self.train_config(st, st["tokens"]), d, name, self.device)
+        groups = ild_parameters(students, st["mode"])
+        if self.compile:
+            for m in students.values():
+                compile_layers(m, mixers_only=st["mode"] == "mixers")
+        trainer = Trainer(torch.nn.ModuleDict(students), groups, make_ild_loss(teacher, students, st["mode"],
+                                                                                st["grad_checkpointing"]),
+                          self.stream("ild", st), self.train_config(st, st["tokens"]), d, "ild", self.device)
         summary = trainer.fit()
-        save_model(student, self.tokenizer(), d / "model", {"stage": name})
+        for k, m in students.items():
+            save_model(m, self.tokenizer(), d / k, {"stage": "ild", "pool": k})
         trainer.ckpt_path.unlink(missing_ok=True)
         return summary
 
@@ -222,10 +221,10 @@ class Run:
 
         st = self.cfg["sensitivity"]
         d = self.write_stage_config("sensitivity")
-        mamba = self.load(self.stage_dir("ild-mamba2") / "model").eval()
-        mla = self.load(self.stage_dir("ild-mla") / "model").eval()
+        mamba = self.load(self.stage_dir("ild") / "mamba2").eval()
+        mla = self.load(self.stage_dir("ild") / "mla").eval()
         seqs = heldout_sequences(self.tokenizer(), st["num_seqs"], st["seq_len"])
-        res = layer_sensitivity(self.teacher("base"), mamba, mla, seqs, st["batch_size"])
+        res = layer_sensitivity(self.eval_teacher(), mamba, mla, seqs, st["batch_size"])
         (d / "sensitivity.json").write_text(json.dumps(res, indent=2) + "\n")
         self._plot_sensitivity(res["scores"], None, d / "sensitivity.png")
         return {"kl_all_mamba2": res["kl_all_mamba2"], "best_layer": max(range(len(res["scores"])), key=res["scores"].__getitem__)}
@@ -242,54 +241,98 @@ class Run:
         from .stages.smart import kv_budget_num_mla, load_scores, smart_select
 
         s = self.cfg["student"]
+        L = self.num_layers()
         d = self.write_stage_config("smart")
         scores = load_scores(self.stage_dir("sensitivity") / "sensitivity.json")
-        if s["mla_layers"] is not None:
-            layers, how = sorted(int(i) for i in s["mla_layers"]), "config"
+        attention = _layer_list(s["attention_layers"], L, "student.attention_layers") or []
+        fixed = _layer_list(s["mla_layers"], L, "student.mla_layers")
+        if fixed is not None:
+            layers, how = fixed, "config"
         else:
             n = s["num_mla"]
             if s["kv_budget"] is not None:
                 n = kv_budget_num_mla(load_teacher_config(self.cfg["base"]), s["kv_budget"], s["kv_rank"], s["rope_dim"])
             layers, how = smart_select(scores, n), "smart"
-        (d / "smart.json").write_text(json.dumps({"layers": layers, "how": how}, indent=2) + "\n")
+        both = sorted(set(layers) & set(attention))
+        if both:
+            raise ZebraError(f"layers {both} are both in student.mla_layers (or SMART's choice) and "
+                             "student.attention_layers")
+        (d / "smart.json").write_text(json.dumps({"layers": layers, "attention_layers": attention, "how": how},
+                                                 indent=2) + "\n")
         self._plot_sensitivity(scores, layers, self.stage_dir("sensitivity") / "sensitivity.png")
-        return {"layers": layers, "how": how}
+        return {"layers": layers, "attention_layers": attention, "how": how}
 
     def run_compose(self):
         from .convert.build import save_model
         from .stages.compose import compose
 
         d = self.write_stage_config("compose")
-        layers = json.loads((self.stage_dir("smart") / "smart.json").read_text())["layers"]
-        result = {"layers": layers}
-        for tag, src in (("init", ("init/mla", "init/mamba2")), ("ild", ("ild-mla/model", "ild-mamba2/model"))):
+        smart = json.loads((self.stage_dir("smart") / "smart.json").read_text())
+        layers, attention = smart["layers"], smart.get("attention_layers", [])
+        result = {"layers": layers, "attention_layers": attention}
+        attn_model = self.eval_teacher() if attention else None
+        for tag, src in (("init", ("init/mla", "init/mamba2")), ("ild", ("ild/mla", "ild/mamba2"))):
             mla, mamba = self.load(self.out / src[0]), self.load(self.out / src[1])
-            hybrid = compose(mla, mamba, layers)
+            hybrid = compose(mla, mamba, layers, attn_model, attention)
             result[f"kl_{tag}"] = self.kl(hybrid)
             if tag == "ild":
-                save_model(hybrid, self.tokenizer(), d / "model", {"stage": "compose", "layers": layers})
+                save_model(hybrid, self.tokenizer(), d / "model", {"stage": "compose", "layers": layers,
+                                                                   "attention_layers": attention})
                 result["kv"] = hybrid.config.kv_summary()
             del mla, mamba, hybrid
         return result
 
+    def _curve_evaluator(self, student, teacher_train):
+        """Held-out KL / top-1 on a small fixed held-out set, plus the multiple-choice accuracy proxy when
+        distill.curve_tasks is set: the tokens-vs-quality curve, logged by the Trainer every eval_every steps."""
+        from .data.chat import heldout_sequences
+        from .eval.agreement import agreement
+        from .stages.fastpath import eager
+
+        st, e = self.cfg["distill"], self.cfg["eval"]
+        seqs = heldout_sequences(self.tokenizer(), st["curve_seqs"], e["seq_len"])
+        quick = None
+        if st["curve_tasks"]:
+            from .eval.quick import QuickMC
+
+            quick = QuickMC.build(self.tokenizer(), tasks=tuple(st["curve_tasks"]), limit=st["curve_limit"])
+        teacher = self.eval_teacher()
+
+        def evaluate():
+            with eager(student, teacher_train):
+                a = agreement(teacher, student, seqs, batch_size=e["batch_size"])
+                out = {"heldout_kl": a["kl"], "top1": a["top1_agreement"]}
+                if quick is not None:
+                    out["proxy"] = quick.score(student)
+            return out
+        return evaluate
+
     def run_distill(self):
         from .convert.build import save_model
-        from .stages.distill import make_distill_loss
+        from .stages.distill import distill_parameters, make_distill_loss
+        from .stages.fastpath import compile_layers
         from .stages.trainer import Trainer
 
         st = self.cfg["distill"]
         d = self.write_stage_config("distill")
         student = self.load(self.stage_dir("compose") / "model")
-        for p in student.parameters():
-            p.requires_grad_(True)
         teacher = self.teacher("teacher")
         if st["grad_checkpointing"]:
             student.model.gradient_checkpointing = True
-        trainer = Trainer(student, student.parameters(), make_distill_loss(teacher, student), self.stream("kd", st),
-                          self.train_config(st, st["tokens"]), d, "distill", self.device)
+        groups = distill_parameters(student, st["lr"], st["lr_other"])
+        evaluator = self._curve_evaluator(student, teacher) if st["eval_every"] else None
+        if self.compile:
+            compile_layers(student)
+            compile_layers(teacher)
+        trainer = Trainer(student, groups, make_distill_loss(teacher, student),
+                          self.stream("kd", st, loss_on=st["loss_on"]), self.train_config(st, st["tokens"]), d,
+                          "distill", self.device, evaluator=evaluator)
         summary = trainer.fit()
         student.model.gradient_checkpointing = False
-        summary["kl"] = self.kl(student)
+        from .stages.fastpath import eager
+
+        with eager(student):
+            summary["kl"] = self.kl(student)
         save_model(student, self.tokenizer(), d / "model", {"stage": "distill"})
         trainer.ckpt_path.unlink(missing_ok=True)
         return summary
@@ -301,6 +344,8 @@ class Run:
 
         st = self.cfg["pairs"]
         d = self.write_stage_config("pairs")
+        if not self.cfg["dpo"]["enabled"]:
+            return {"skipped": "dpo.enabled is false"}
         if self.cfg["dpo"]["pairs_file"]:  # the user brought preference data: nothing to make
             from .stages.pairs import read_pairs
 
@@ -309,7 +354,8 @@ class Run:
         kd = []  # prompts from the KD share (the same split the distillation stream uses), never held-out
         for src in self.cfg["data"]:
             salt = source_key(src)
-            kd += [c for i, c in enumerate(load_conversations(src)) if ild_kd_part(i, self.cfg["ild_fraction"], 0, salt) == "kd"]
+            chat = {**src, "render": "chat"} if isinstance(src, dict) and src.get("type", "sharegpt") != "text" else src
+            kd += [c for i, c in enumerate(load_conversations(chat)) if ild_kd_part(i, self.cfg["ild_fraction"], 0, salt) == "kd"]
         kd = list(reversed(kd))  # the end of the data: the prompts a distillation budget is least likely to reach
         n = make_pairs(student, self.tokenizer(), kd, st["num_pairs"], d / "pairs.jsonl", st["max_new_tokens"],
                        st["temperature"], st["batch_size"], seed=self.cfg["seed"])
@@ -323,6 +369,8 @@ class Run:
 
         st = self.cfg["dpo"]
         d = self.write_stage_config("dpo")
+        if not st["enabled"]:
+            return {"skipped": "dpo.enabled is false"}
         policy = self.load(self.stage_dir("distill") / "model")
         reference = self.load(self.stage_dir("distill") / "model").eval()
         for p in reference.parameters():
@@ -331,7 +379,7 @@ class Run:
         stream = PairStream(self.tokenizer(), read_pairs(pairs_path), st["batch_size"],
                             st["max_len"], st["epochs"], self.cfg["seed"])
         tokens = stream.num_batches * stream.tokens_per_batch
-        cfg = self.train_config({**st, "warmup_frac": 0.1}, tokens)
+        cfg = self.train_config({**st, "warmup_frac": 0.1}, tokens, betas=(0.9, 0.95))
         trainer = Trainer(policy, policy.parameters(), make_dpo_loss(policy, reference, st["beta"]), stream, cfg, d,
                           "dpo", self.device)
         summary = trainer.fit()
@@ -340,19 +388,73 @@ class Run:
         trainer.ckpt_path.unlink(missing_ok=True)
         return summary
 
+    def run_eval(self):
+        from .data.chat import plaintext_heldout_sequences
+
+        e = self.cfg["eval"]
+        d = self.write_stage_config("eval")
+        path = self.final_model_dir()
+        student = self.load(path).eval()
+        chat = self.kl(student)
+        plain = self.kl(student, plaintext_heldout_sequences(self.tokenizer(), e["plaintext_seqs"], e["seq_len"]))
+        kv = student.config.kv_summary()
+        result = {"model": str(path), "heldout_chat": chat, "plaintext": plain, "kv": kv}
+        del student
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if e["tasks"]:
+            from .commands.eval import evaluate_models
+
+            res = evaluate_models([self.cfg["teacher"], str(path)], e["tasks"], limit=e["limit"],
+                                  device=str(self.device), jobs=e["jobs"], json_out=str(d / "eval.json"))
+            result["lm_eval"] = {"table_markdown": res["table_markdown"], "models": res["models"],
+                                 "seconds": res.get("seconds")}
+        self._write_summary(result)
+        return result
+
+    def _write_summary(self, ev: dict) -> None:
+        """RUN/summary.json: the headline numbers of the run (final student vs teacher) and stage times."""
+        from .stages.trainer import atomic_write_text
+
+        stage_s = {}
+        for name in STAGES:
+            p = self.stage_dir(name) / "summary.json"
+            if p.exists():
+                stage_s[name] = json.loads(p.read_text()).get("seconds")
+        stage_s["eval"] = round(time.perf_counter() - self._stage_t0, 1)
+        start = json.loads((self.out / "run_start.json").read_text())["time"]
+        summary = {
+            "student": {"model": ev["model"], "heldout_kl": ev["heldout_chat"]["kl"],
+                        "top1": ev["heldout_chat"]["top1_agreement"], "heldout_ppl": ev["heldout_chat"]["ppl_student"],
+                        "plaintext_ppl": ev["plaintext"]["ppl_student"], "plaintext_kl": ev["plaintext"]["kl"],
+                        "kv_percent": ev["kv"]["kv_percent"]},
+            "teacher": {"model": self.cfg["teacher"], "heldout_ppl": ev["heldout_chat"]["ppl_teacher"],
+                        "plaintext_ppl": ev["plaintext"]["ppl_teacher"]},
+            "plaintext_ppl_ratio": ev["plaintext"]["ppl_student"] / ev["plaintext"]["ppl_teacher"],
+            "stage_seconds": stage_s,
+            "total_seconds": round(time.time() - start, 1),
+        }
+        if "lm_eval" in ev:
+            summary["lm_eval"] = {r["model"]: {k: r.get(k) for k in ("scores", "average", "percent_of_reference")}
+                                  for r in ev["lm_eval"]["models"]}
+        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+
     def run_report(self):
         from .stages.report import write_report
 
-        d = self.write_stage_config("report")
+        self.write_stage_config("report")
         path = write_report(self.out, self.cfg)
         return {"report": str(path)}
 
     def run(self, only: list[str] | None = None) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "run_config.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
-        fns = {"init": self.run_init, "ild-mla": lambda: self.run_ild("mla"), "ild-mamba2": lambda: self.run_ild("mamba2"),
-               "sensitivity": self.run_sensitivity, "smart": self.run_smart, "compose": self.run_compose,
-               "distill": self.run_distill, "pairs": self.run_pairs, "dpo": self.run_dpo, "report": self.run_report}
+        start = self.out / "run_start.json"
+        if not start.exists():
+            start.write_text(json.dumps({"time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        fns = {"init": self.run_init, "ild": self.run_ild, "sensitivity": self.run_sensitivity,
+               "smart": self.run_smart, "compose": self.run_compose, "distill": self.run_distill,
+               "pairs": self.run_pairs, "dpo": self.run_dpo, "eval": self.run_eval, "report": self.run_report}
         for name in STAGES:
             if only and name not in only:
                 continue
@@ -360,9 +462,9 @@ class Run:
                 print(f"[zebra run] {name}: done, skipping", flush=True)
                 continue
             print(f"[zebra run] {name} ...", flush=True)
-            t0 = time.perf_counter()
+            self._stage_t0 = time.perf_counter()
             summary = fns[name]()
-            summary["seconds"] = round(time.perf_counter() - t0, 1)
+            summary["seconds"] = round(time.perf_counter() - self._stage_t0, 1)
             self.mark_done(name, summary)
             print(f"[zebra run] {name}: done in {summary['seconds']}s", flush=True)
         return self.out / "report.md"

@@ -47,24 +47,25 @@ def markdown(res) -> str:
                        f"{k['bytes'] / k['us'] / 1e3:,.0f} | {100 * k['bandwidth_fraction']:.0f}% |")
         out.append("")
     if res.get("train"):
-        out += ["### training step throughput (bf16 autocast, AdamW), reference vs fast path", "",
-                "| teacher shape | stage | batch x seq | reference tok/s | fast tok/s | speed-up | MFU ref | MFU fast |",
-                "|---|---|---|---:|---:|---:|---:|---:|"]
-        runs = {(r["shape"], r["run"]): {} for r in res["train"]}
+        variants = list(dict.fromkeys(r["variant"] for r in res["train"]))
+        out += ["### training throughput through the Trainer (fp32 master weights, bf16 autocast, fused AdamW): "
+                "tokens/s (MFU)", "",
+                "| teacher shape | stage | micro-batch | " + " | ".join(variants) + " | peak memory |",
+                "|---|---|---|" + "---:|" * len(variants) + "---:|"]
+        runs = {}
         for r in res["train"]:
-            runs[(r["shape"], r["run"])][r["backend"]] = r
-        for (shape, run), by in runs.items():
-            ref, fast = by.get("torch", {}), by.get("auto", {})
-
-            def tps(r):
-                return f"{r['tokens_per_s']:,.0f}" if r.get("status") == "ok" else r.get("status", "-").upper()
-
-            def mfu(r):
-                return f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "-"
-            sp = (f"{fast['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
-                  if ref.get("status") == "ok" and fast.get("status") == "ok" else "-")
-            bs = next((f"{r['batch_size']} x {r['seq_len']}" for r in (ref, fast) if r.get("batch_size")), "-")
-            out.append(f"| {shape} | {run} | {bs} | {tps(ref)} | {tps(fast)} | {sp} | {mfu(ref)} | {mfu(fast)} |")
+            runs.setdefault((r["shape"], r["stage"]), {})[r["variant"]] = r
+        for (shape, stage), by in runs.items():
+            def cell(r):
+                if r is None:
+                    return "-"
+                if r.get("status") != "ok":
+                    return r.get("status", "-").upper()
+                return f"{r['tokens_per_s']:,.0f}" + (f" ({100 * r['mfu']:.1f}%)" if r.get("mfu") else "")
+            any_r = next(iter(by.values()))
+            mem = [f"{r['peak_mem_gib']:.1f} GiB" for r in by.values() if r.get("peak_mem_gib")]
+            out.append(f"| {shape} | {stage} | {any_r.get('batch_size')} x {any_r.get('seq_len')} | "
+                       + " | ".join(cell(by.get(v)) for v in variants) + f" | {mem[0] if mem else '-'} |")
         out.append("")
     for shape in res["shapes"]:
         variants = [v["variant"] for v in res["variants"] if v["shape"] == shape]

@@ -4,7 +4,7 @@ throughput (`--what train`). Writes OUT/bench.json (after every point, atomicall
 
     zebra bench --shapes 8b --variants llama,zebra,hf --what decode,batch --out bench-8b
     zebra bench --shapes 1b --what prefill --prefill 2048,8192,32768
-    zebra bench --shapes smollm2 --what train            # ILD / distillation tokens/s + MFU, fast vs reference
+    zebra bench --shapes smollm2,1b --what train --out results/x/train-bench   # ILD / distillation tokens/s + MFU
 """
 
 from __future__ import annotations
@@ -46,8 +46,13 @@ def add_arguments(p):
     p.add_argument("--no-graph", action="store_true", help="decode without the CUDA graph")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--device", default=None, help="default: cuda when available")
-    p.add_argument("--train-batch", type=int, default=4, help="--what train: rows of --train-seq tokens per step")
+    p.add_argument("--train-batch", type=int, default=None,
+                   help="--what train: rows of --train-seq tokens per micro-batch (default: 16 for smollm2, 8 for 1b)")
     p.add_argument("--train-seq", type=int, default=2048)
+    p.add_argument("--train-accum", type=int, default=1, help="--what train: micro-batches per optimizer step")
+    p.add_argument("--train-variants", default="fast,eager",
+                   help="--what train: fast (torch.compile, chunked PyTorch SSD), eager (no compile), fla (compiled, "
+                        "fla's parallel Mamba2 kernel)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds: start no new point after this")
     p.add_argument("--out", default="bench", help="output folder")
 

@@ -1,6 +1,7 @@
 """Single pipeline stages as subcommands, on a run directory (what `zebra run` does, one stage at a time):
 
-    zebra ild CONFIG.yaml [--out RUN] [--kind mla|mamba2|both]
+    zebra init CONFIG.yaml [--out RUN]
+    zebra ild CONFIG.yaml [--out RUN]          (both pools, MLA and Mamba2, from one teacher pass)
     zebra sensitivity CONFIG.yaml [--out RUN]
     zebra distill CONFIG.yaml [--out RUN]
     zebra dpo CONFIG.yaml [--out RUN]          (makes the preference pairs first if needed)
@@ -15,7 +16,6 @@ import shutil
 def add_arguments(p):
     p.add_argument("config")
     p.add_argument("--out", default=None, help="run directory (default runs/<name>)")
-    p.add_argument("--kind", default="both", choices=["mla", "mamba2", "both"], help="ILD only: which student")
     p.add_argument("--force", action="store_true", help="re-run even if the stage is DONE")
 
 
@@ -26,13 +26,8 @@ def run(args) -> int:
     cfg = load_config(args.config)
     r = Run(cfg, args.out or f"runs/{cfg['name']}")
     cmd = args.command
-    if cmd == "ild":
-        stages = ["ild-mla", "ild-mamba2"] if args.kind == "both" else [f"ild-{args.kind}"]
-    elif cmd == "dpo":
-        stages = ["pairs", "dpo"]  # pairs is skipped when already made
-    else:
-        stages = [cmd]
-    needed = [s for s in STAGES[:STAGES.index(stages[0])] if not (cmd == "ild" and s.startswith("ild"))]
+    stages = ["pairs", "dpo"] if cmd == "dpo" else [cmd]  # pairs is skipped when already made
+    needed = STAGES[:STAGES.index(stages[0])]
     missing = [s for s in needed if not r.done(s)]
     if missing:
         raise ZebraError(f"{cmd} needs finished earlier stages in {r.out}: {', '.join(missing)} (run them, or `zebra run`)")

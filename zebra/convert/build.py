@@ -26,7 +26,7 @@ from ..errors import ZebraError
 from . import layout
 from .mamba2_init import DEFAULT_INIT as MAMBA2_DEFAULT_INIT
 from .mamba2_init import init_mamba2_from_attention
-from .svd_mla import init_mla_from_attention, matrix_rank_error, svd_reconstruction_error
+from .svd_mla import init_mla_from_attention, matrix_rank_error, rope_pairs_by_norm, svd_reconstruction_error
 from .teacher import load_generation_config, load_teacher, load_teacher_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -97,8 +97,10 @@ def check_teacher_tensors(cfg, state: dict[str, torch.Tensor]) -> None:
 
 
 # ---- weight mapping ----------------------------------------------------------------------------------------
-def map_weights(cfg, state: dict[str, torch.Tensor], student: dict[str, torch.Tensor], init: str = "svd"):
-    """Student tensors from teacher tensors.
+def map_weights(cfg, state: dict[str, torch.Tensor], student: dict[str, torch.Tensor], init: str = "svd",
+                conv_init: str = "identity"):
+    """Student tensors from teacher tensors. conv_init: Mamba2's short conv as the identity (last tap 1, others and
+    bias 0, so x / B / C start as silu of the teacher's V / K / Q) or "random" (Mamba2's default init, the paper).
 
     student: the freshly constructed model's parameters (name -> tensor), read for Mamba2's default z/dt rows.
     Returns (mapped name -> tensor, names left at their default init, per-MLA-layer SVD errors, teacher names used).
@@ -136,8 +138,9 @@ def map_weights(cfg, state: dict[str, torch.Tensor], student: dict[str, torch.Te
                 default.update(n for n in student if n.startswith(a))
                 continue
             r_kv, r_q = cfg.kv_lora_rank, cfg.q_lora_rank
+            pairs = (cfg.mla_rope_pairs or {}).get(str(i))
             mla = init_mla_from_attention(q_w, k_w, v_w, n_h, n_kv, d_h, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
-                                          r_kv, r_q, q_b=q_b, k_b=k_b, v_b=v_b)
+                                          r_kv, r_q, q_b=q_b, k_b=k_b, v_b=v_b, rope_pairs=pairs)
             mla["o_proj.weight"] = o_w
             mapped.update({a + k: v for k, v in mla.items()})
             errors[i] = {"kv": svd_reconstruction_error(k_w, v_w, r_kv),
@@ -146,8 +149,13 @@ def map_weights(cfg, state: dict[str, torch.Tensor], student: dict[str, torch.Te
             m = p + "mamba."
             layer_state = {n[len(m):]: t for n, t in student.items() if n.startswith(m)}
             new = init_mamba2_from_attention(layer_state, q_w, k_w, v_w, o_w, n_h, n_kv, d_h, q_b=q_b, k_b=k_b, v_b=v_b)
+            if conv_init == "identity":
+                w = torch.zeros_like(layer_state["conv1d.weight"])
+                w[:, 0, -1] = 1.0  # y_t = x_t: the causal conv's last tap multiplies the current token
+                new["conv1d.weight"] = w
+                new["conv1d.bias"] = torch.zeros_like(layer_state["conv1d.bias"])
             mapped.update({m + k: v for k, v in new.items()})
-            default.update(m + k for k in MAMBA2_DEFAULT_INIT if m + k in student)
+            default.update(m + k for k in MAMBA2_DEFAULT_INIT if m + k in student and m + k not in mapped)
     return mapped, default, errors, used
 
 
@@ -193,7 +201,8 @@ def build_student_config(teacher: str, mla_layers, attention_layers, kv_rank=lay
 
 def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=layout.DEFAULT_KV_RANK, q_rank=None,
             rope_dim=None, nope_dim=None, init: str = "svd", seed: int = 0, dtype: str | torch.dtype = "float32",
-            drop_qk_norm: bool = False, force: bool = False) -> dict:
+            drop_qk_norm: bool = False, force: bool = False, rope_select: str = "pairs",
+            conv_init: str = "identity") -> dict:
     """Convert `teacher` into a hybrid student saved at `out_dir`; returns the report written to zebra_convert.json."""
     torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if torch_dtype is None:
@@ -202,7 +211,7 @@ def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=la
     check_out_dir(out, force, teacher)
     t0 = time.time()
     model, tokenizer, report = build_student(teacher, mla_layers, attention_layers, kv_rank, q_rank, rope_dim,
-                                             nope_dim, init, seed, drop_qk_norm)
+                                             nope_dim, init, seed, drop_qk_norm, rope_select, conv_init)
     report["flags"]["dtype"] = str(torch_dtype).replace("torch.", "")
     model = model.to(torch_dtype)
     gen = load_generation_config(teacher)
@@ -213,23 +222,44 @@ def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=la
     return report
 
 
+ROPE_SELECT = ("pairs", "last")
+CONV_INIT = ("identity", "random")
+
+
 def build_student(teacher: str, mla_layers, attention_layers=None, kv_rank=layout.DEFAULT_KV_RANK, q_rank=None,
-                  rope_dim=None, nope_dim=None, init: str = "svd", seed: int = 0, drop_qk_norm: bool = False):
-    """The initialised student in memory (fp32): (ZebraForCausalLM, tokenizer, report dict)."""
+                  rope_dim=None, nope_dim=None, init: str = "svd", seed: int = 0, drop_qk_norm: bool = False,
+                  rope_select: str = "pairs", conv_init: str = "identity"):
+    """The initialised student in memory (fp32): (ZebraForCausalLM, tokenizer, report dict).
+
+    rope_select: MLA's decoupled RoPE dims from whole rotary pairs of the teacher's heads chosen by norm, at the
+    teacher's frequencies ("pairs", zebra.convert.svd_mla.rope_pairs_by_norm) or the last d_r dims with
+    frequencies recomputed over d_r ("last", the paper). conv_init: see map_weights."""
     if init not in ("svd", "random"):
         raise ZebraError(f"--init must be 'svd' or 'random', got {init!r}")
+    if rope_select not in ROPE_SELECT:
+        raise ZebraError(f"--rope-select must be one of {', '.join(ROPE_SELECT)}, got {rope_select!r}")
+    if conv_init not in CONV_INIT:
+        raise ZebraError(f"--conv-init must be one of {', '.join(CONV_INIT)}, got {conv_init!r}")
     _, cfg = build_student_config(teacher, mla_layers, attention_layers, kv_rank, q_rank, rope_dim, nope_dim,
                                   drop_qk_norm)
 
     tcfg, state, tokenizer = load_teacher(teacher)
     check_teacher_tensors(cfg, state)
+    if rope_select == "pairs" and init == "svd":
+        n_h, n_kv, d_h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        cfg.mla_rope_pairs = {
+            str(i): rope_pairs_by_norm(state[f"model.layers.{i}.self_attn.q_proj.weight"],
+                                       state[f"model.layers.{i}.self_attn.k_proj.weight"], n_h, n_kv, d_h,
+                                       cfg.qk_rope_head_dim)
+            for i, t in enumerate(cfg.mixer_types) if t == "mla"} or None
 
     from ..model.hybrid import ZebraForCausalLM  # heavy import, only once the cheap checks passed
 
     torch.manual_seed(seed)
     model = ZebraForCausalLM(cfg).to(torch.float32)
     student = dict(model.named_parameters())
-    mapped, default, svd_errors, used = map_weights(cfg, state, {k: v.detach() for k, v in student.items()}, init)
+    mapped, default, svd_errors, used = map_weights(cfg, state, {k: v.detach() for k, v in student.items()}, init,
+                                                    conv_init)
     apply_weights(model, mapped, default)
     unused = sorted(k for k in set(state) - used if not k.endswith("rotary_emb.inv_freq")
                     and not (cfg.tie_word_embeddings and k == "lm_head.weight")
@@ -246,7 +276,9 @@ def build_student(teacher: str, mla_layers, attention_layers=None, kv_rank=layou
         "teacher_model_type": cfg.teacher_model_type,
         "flags": {"mla_layers": idx("mla"), "attention_layers": idx("attention"), "kv_rank": cfg.kv_lora_rank,
                   "q_rank": cfg.q_lora_rank, "rope_dim": cfg.qk_rope_head_dim, "nope_dim": cfg.qk_nope_head_dim,
-                  "init": init, "seed": seed, "drop_qk_norm": drop_qk_norm},
+                  "init": init, "seed": seed, "drop_qk_norm": drop_qk_norm, "rope_select": rope_select,
+                  "conv_init": conv_init},
+        "mla_rope_pairs": cfg.mla_rope_pairs,
         "mixer_types": list(cfg.mixer_types),
         "mamba2_layers": idx("mamba2"),
         "kv": summary,

@@ -153,6 +153,7 @@ def _varlen_api():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
+@torch.compiler.disable  # a graph break: cu_seqlens changes length every batch, the kernel gains nothing from fusion
 def varlen_causal(q, k, v, cu_seqlens, max_len: int, scale: float):
     """Causal attention inside each document piece: q (n, H, D), k / v (n, G, D) with G dividing H (GQA)
     -> (n, H, D_v). Works with both spellings of torch's API: `is_causal=` (2.10-2.11) and `window_size=`

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import os
 
+import torch
+
 from . import conv, decode, fused, ssd
 
 _BACKEND = os.environ.get("ZEBRA_BACKEND", "auto")
+# Mamba2's scan and conv when a backward will follow (training): "torch" = the chunked PyTorch scan and conv
+# (zebra/ops/ssd.py, conv.py; fused by torch.compile), "fla" = the registered GPU kernels (fla-core; on Hopper with
+# Triton < 3.7.1 its parallel, per-document quadratic kernel, since fla refuses its chunked backward there).
+_TRAIN_SCAN = os.environ.get("ZEBRA_TRAIN_SCAN", "torch")
 _KERNELS: dict[str, object] = {}  # op name -> callable, filled by zebra.kernels (lazily)
 _KERNELS_LOADED = False
 
@@ -51,8 +57,25 @@ def _kernel(op: str, tensor, backend: str | None = None):
     return fn
 
 
+def set_train_scan(name: str) -> None:
+    global _TRAIN_SCAN
+    if name not in ("torch", "fla"):
+        raise ValueError(f"train scan must be 'torch' or 'fla', got {name!r}")
+    _TRAIN_SCAN = name
+
+
+def get_train_scan() -> str:
+    return _TRAIN_SCAN
+
+
+def _training(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def ssd_scan(x, dt, A, Bm, Cm, initial_state=None, chunk_size=64, doc_ids=None, backend=None):
     """Mamba2 chunked scan for training / prefill. Shapes in zebra/ops/ssd.py."""
+    if _TRAIN_SCAN == "torch" and backend != "triton" and _training(x, dt, A, Bm, Cm):
+        return ssd.ssd_chunked(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size, doc_ids=doc_ids)
     fn = _kernel("ssd_scan", x, backend)
     if fn is not None:
         return fn(x, dt, A, Bm, Cm, initial_state=initial_state, chunk_size=chunk_size, doc_ids=doc_ids)
@@ -68,6 +91,8 @@ def ssd_step(state, x, dt, A, Bm, Cm, backend=None):
 
 
 def causal_conv1d(x, weight, bias, state=None, doc_ids=None, backend=None):
+    if _TRAIN_SCAN == "torch" and backend != "triton" and _training(x, weight):
+        return conv.causal_conv1d(x, weight, bias, state, doc_ids=doc_ids)
     fn = _kernel("causal_conv1d", x, backend)
     if fn is not None:
         return fn(x, weight, bias, state, doc_ids=doc_ids)

@@ -1,12 +1,19 @@
-"""Intermediate Layer Distillation (SPEC 4, paper Eq. 11): teacher-forced and layer-local, all layers at once.
+"""Intermediate Layer Distillation (SPEC 4, paper Eq. 11): teacher-forced and layer-local, all layers at once, and
+both candidate pools (pure MLA, pure Mamba2) from ONE teacher pass.
 
-Run the teacher (the base model, as an all-`attention` Zebra model: exactly the teacher, with the same
-layer API), feed each student layer l the teacher's input to layer l, and minimise, summed over layers,
-the MSE between the student's and the teacher's layer outputs plus the same term on the mixer outputs
-(as the official code). Every parameter of every student layer trains (MLP and norms included); the
-embeddings, final norm and LM head are not used here and stay frozen.
+Run the teacher (the base model as an all-`attention` Zebra model: exactly the teacher, with the same layer API)
+once; for every layer l, each student's layer l sees the teacher's input to layer l and is trained towards the
+teacher's outputs there. Two modes:
 
-Done once for the pure-MLA and once for the pure-Mamba2 student, on the ILD share (20%) of the data.
+  mixers  (default) only the new mixers train (MLA / Mamba2), on the teacher's normalised layer input, towards the
+          teacher's attention output: MSE(mixer(x_l), attn(x_l)). MLPs, norms, embeddings and head stay as copied.
+          This is the alignment stage of the most token-efficient recipes (MOHAWK stage 2, RADLADS, fla's
+          hybrid distillation: mixers only, high LR); a mixer's forward/backward is all it costs per token.
+  full    the paper: every parameter of every student layer trains (MLP and norms included) on
+          MSE(layer output) + MSE(mixer output), as the official code.
+
+Either way the MLA and Mamba2 candidates of every layer share the teacher's pass, which halves ILD's teacher
+cost against one stage per pool (the research note's "one teacher pass" recommendation).
 """
 
 from __future__ import annotations
@@ -14,55 +21,99 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint as ckpt
 
-from .losses import ild_loss
+from ..errors import ZebraError
+from .losses import _masked_mse
+
+ILD_MODES = ("mixers", "full")
 
 
-def teacher_layer_targets(teacher, batch):
-    """Per layer l: (input h_l, output, mixer output) of the teacher, no grad. teacher: ZebraForCausalLM
-    with attention layers."""
+@torch.no_grad()
+def teacher_layer_targets(teacher, batch, mla_rope_keys=()):
+    """(ctx, per layer l: (input h_l, normalised input x_l, output, attention output)) of the teacher, no grad.
+    ctx is the shared per-forward context (rope tables for the students' MLA keys too, masks)."""
     ids, doc_ids, mask = batch["input_ids"], batch.get("doc_ids"), batch.get("attention_mask")
     m = teacher.model
-    with torch.no_grad():
-        h = m.embed_tokens(ids)
-        B, T, _ = h.shape
-        ctx = m.context(mask, None, B, T, 0, h.dtype, h.device, doc_ids)
-        targets = []
-        for layer in m.layers:
-            out, mix = layer(h, ctx, None, return_mixer=True)
-            targets.append((h, out, mix))
-            h = out
-    return targets
+    h = m.embed_tokens(ids)
+    B, T, _ = h.shape
+    ctx = m.context(mask, None, B, T, 0, h.dtype, h.device, doc_ids, mixer_types={"attention", "mla", "mamba2"},
+                    mla_rope_keys=mla_rope_keys)
+    targets = []
+    for layer in m.layers:
+        x = layer.input_layernorm(h)
+        out, mix = layer(h, ctx, None, return_mixer=True)
+        targets.append((h, x, out, mix))
+        h = out
+    return ctx, targets
 
 
-def make_ild_loss(teacher, student, grad_checkpointing: bool = False):
-    """loss_fn(batch) -> (sum over layers of ILD losses, n_tokens, metrics) for the Trainer."""
+def dt_dev(model) -> str:
+    return model.lm_head.weight.device.type
+
+
+def _mixer(layer, x, ctx):
+    """A student layer's mixer alone on a normalised input (what the decoder layer does before its residual)."""
+    if layer.mixer_type == "mamba2":
+        return layer.mamba(x, ctx["token_mask"], None, ctx.get("doc_ids"))
+    return layer.self_attn(x, ctx["rope_mla"][layer.self_attn.rope_key], ctx["bias"], None, ctx.get("varlen"))
+
+
+def make_ild_loss(teacher, students: dict, mode: str = "mixers", grad_checkpointing: bool = False):
+    """loss_fn(batch) -> (sum over students and layers of ILD losses, n_tokens, metrics) for the Trainer.
+    students: {"mla": pure-MLA model, "mamba2": pure-Mamba2 model} (either may be absent). Metrics: each pool's
+    mean relative squared error of the mixer output, ||s - t||^2 / ||t||^2 over layers (the per-layer
+    attention-output error the init comparison reports)."""
+    if mode not in ILD_MODES:
+        raise ZebraError(f"ild.mode must be one of {ILD_MODES}, got {mode!r}")
+    keys = {layer.self_attn.rope_key for s in students.values() for layer in s.model.layers
+            if layer.mixer_type == "mla"}
+
     def loss_fn(batch):
-        targets = teacher_layer_targets(teacher, batch)
         mask = batch.get("attention_mask")
-        h0 = targets[0][0]
-        B, T, _ = h0.shape
-        ctx = student.model.context(mask, None, B, T, 0, h0.dtype, h0.device, batch.get("doc_ids"))
-        total, per_layer = 0.0, []
-        for layer, (h_in, t_out, t_mix) in zip(student.model.layers, targets):
-            if grad_checkpointing:
-                out, mix = ckpt.checkpoint(layer, h_in, ctx, None, True, use_reentrant=False)
-            else:
-                out, mix = layer(h_in, ctx, None, return_mixer=True)
-            loss_l = ild_loss(out, t_out, mix, t_mix, mask)
-            per_layer.append(loss_l.detach())
-            total = total + loss_l
-        n_tok = int(mask.sum()) if mask is not None else B * T
-        return total, n_tok, {"layer_loss_mean": torch.stack(per_layer).mean().item()}
+        ctx, targets = teacher_layer_targets(teacher, batch, keys)
+        total, metrics = 0.0, {}
+        for name, student in students.items():
+            rel = []
+            dt = student.lm_head.weight.dtype  # teacher activations in the student's dtype where no autocast casts them
+            cast = (lambda t: t) if torch.is_autocast_enabled(dt_dev(student)) else (lambda t: t.to(dt))
+            for layer, (h_in, x, t_out, t_mix) in zip(student.model.layers, targets):
+                h_in, x = cast(h_in), cast(x)
+                if mode == "mixers":
+                    fn = (lambda x_, l=layer: _mixer(l, x_, ctx))
+                    mix = ckpt.checkpoint(fn, x, use_reentrant=False) if grad_checkpointing else fn(x)
+                    loss_l = _masked_mse(mix, t_mix, mask)
+                else:
+                    if grad_checkpointing:
+                        out, mix = ckpt.checkpoint(layer, h_in, ctx, None, True, use_reentrant=False)
+                    else:
+                        out, mix = layer(h_in, ctx, None, return_mixer=True)
+                    loss_l = _masked_mse(out, t_out, mask) + _masked_mse(mix, t_mix, mask)
+                total = total + loss_l
+                with torch.no_grad():
+                    rel.append(_masked_mse(mix, t_mix, mask) / _masked_mse(t_mix, torch.zeros_like(t_mix), mask).clamp_min(1e-12))
+            metrics[f"rel_err_{name}"] = torch.stack(rel).mean().item()
+        return total, count(batch), metrics
+
+    def count(batch):
+        mask = batch.get("attention_mask")
+        return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+
+    loss_fn.count = count
     return loss_fn
 
 
-def ild_parameters(student):
-    """What ILD trains: every parameter of the decoder layers; embeddings / final norm / head frozen."""
-    for p in student.parameters():
-        p.requires_grad_(False)
-    params = []
-    for layer in student.model.layers:
-        for p in layer.parameters():
-            p.requires_grad_(True)
-            params.append(p)
-    return params
+def ild_parameters(students: dict, mode: str = "mixers") -> list:
+    """What ILD trains, as parameter groups: the mixers of every layer (mode "mixers"), or every parameter of the
+    decoder layers (mode "full"); embeddings / final norm / head (and in "mixers" mode MLPs and norms) frozen."""
+    if mode not in ILD_MODES:
+        raise ZebraError(f"ild.mode must be one of {ILD_MODES}, got {mode!r}")
+    groups = []
+    for name, student in students.items():
+        for p in student.parameters():
+            p.requires_grad_(False)
+        params = []
+        for layer in student.model.layers:
+            for p in (layer.mixer if mode == "mixers" else layer).parameters():
+                p.requires_grad_(True)
+                params.append(p)
+        groups.append({"params": params, "name": name})
+    return groups

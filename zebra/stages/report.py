@@ -20,7 +20,7 @@ def _loss_curves(run: Path, out: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    stages = [s for s in ("ild-mla", "ild-mamba2", "distill", "dpo") if (run / s / "metrics.jsonl").exists()]
+    stages = [s for s in ("ild", "distill", "dpo") if (run / s / "metrics.jsonl").exists()]
     if not stages:
         return False
     fig, axes = plt.subplots(1, len(stages), figsize=(4 * len(stages), 3.2), squeeze=False)
@@ -46,20 +46,38 @@ def write_report(run_dir, cfg: dict | None = None) -> Path:
 
 
 def render_report(run_dir, cfg: dict | None = None) -> str:
-    """The pipeline part of report.md (KL per stage, layers, KV, training, sensitivity, loss curves)."""
+    """The pipeline part of report.md (KL per stage, layers, KV, final evaluation, curve, training, sensitivity)."""
+    from ..eval.curve import curve_points, fit_power_law, plot_curve, predict
+
     run = Path(run_dir)
     cfg = cfg or _read(run / "run_config.json") or {}
     s = {name: _read(run / name / "summary.json") or {} for name in
-         ("init", "ild-mla", "ild-mamba2", "sensitivity", "smart", "compose", "distill", "pairs", "dpo")}
+         ("init", "ild", "sensitivity", "smart", "compose", "distill", "pairs", "dpo", "eval")}
     lines = [f"# Zebra run: {cfg.get('name', run.name)}", ""]
     lines += [f"base `{cfg.get('base')}`, teacher `{cfg.get('teacher')}`, data {cfg.get('data')}, "
               f"seq_len {cfg.get('seq_len')}, seed {cfg.get('seed')}", ""]
     comp = s["compose"]
     if comp.get("layers") is not None:
         kv = comp.get("kv", {})
-        lines += [f"**MLA layers** ({s['smart'].get('how', '?')}): {comp['layers']}  ",
-                  f"**KV cache**: {kv.get('student_per_token')} values/token vs {kv.get('teacher_per_token')} "
+        att = comp.get("attention_layers") or []
+        lines += [f"**MLA layers** ({s['smart'].get('how', '?')}): {comp['layers']}  "]
+        if att:
+            lines += [f"**attention layers** (the teacher's own): {att}  "]
+        lines += [f"**KV cache**: {kv.get('student_per_token')} values/token vs {kv.get('teacher_per_token')} "
                   f"for the teacher = **{kv.get('kv_percent', float('nan')):.2f}%**", ""]
+    top = _read(run / "summary.json")
+    if top:
+        st, te = top["student"], top["teacher"]
+        lines += ["## Final student vs teacher", "",
+                  "| | held-out chat KL | top-1 agreement | chat ppl | plain-text ppl | KV % |", "|---|---:|---:|---:|---:|---:|",
+                  f"| teacher | 0 | 1 | {te['heldout_ppl']:.2f} | {te['plaintext_ppl']:.2f} | 100 |",
+                  f"| student | {st['heldout_kl']:.4f} | {st['top1']:.3f} | {st['heldout_ppl']:.2f} | "
+                  f"{st['plaintext_ppl']:.2f} ({top['plaintext_ppl_ratio']:.2f}x) | {st['kv_percent']:.2f} |", "",
+                  f"Total {top['total_seconds']:.0f} s; stages: " + ", ".join(
+                      f"{k} {v:.0f} s" for k, v in top["stage_seconds"].items() if v is not None), ""]
+        if s["eval"].get("lm_eval"):
+            lines += ["### lm-eval (teacher vs final student)", "", s["eval"]["lm_eval"]["table_markdown"], ""]
+    init_err = s["init"].get("mixer_rel_err")
     lines += ["## KL to the teacher on held-out chat (per token)", "",
               "| after | KL(teacher‖student) | top-1 agreement | student ppl | teacher ppl |", "|---|---|---|---|---|"]
     for label, rec in (("init (composed from initialised layers)", comp.get("kl_init")),
@@ -68,14 +86,36 @@ def render_report(run_dir, cfg: dict | None = None) -> str:
         if rec:
             lines.append(f"| {label} | {rec['kl']:.4f} | {rec['top1_agreement']:.3f} | {rec['ppl_student']:.2f} | "
                          f"{rec['ppl_teacher']:.2f} |")
+    if init_err:
+        lines += ["", "Initialised mixers, relative squared error of the mixer output vs the teacher's attention "
+                  "(mean over layers, held-out chat): " + ", ".join(f"{k[8:]} {v:.4f}" for k, v in init_err.items())]
+    pts = curve_points(run / "distill" / "metrics.jsonl")
+    if len(pts) >= 3:
+        dcfg = cfg.get("distill", {})
+        total = pts[-1]["tokens"]
+        hi = total * (1 - dcfg.get("decay_frac", 0.0)) if dcfg.get("schedule") == "wsd" else total
+        fit = fit_power_law(pts, lo=0.1 * total, hi=hi)
+        pred = predict(fit, pts)
+        png = plot_curve(pts, fit, pred, run / "curve.png")
+        lines += ["", "## Tokens vs quality (distillation)", "", f"![curve]({png.name})", "",
+                  "| tokens | held-out KL | top-1 | accuracy proxy |", "|---:|---:|---:|---:|"]
+        for p in pts:
+            proxy = p.get("proxy", {}).get("avg_acc_norm") if isinstance(p.get("proxy"), dict) else None
+            lines.append(f"| {p['tokens']:,} | {p['heldout_kl']:.4f} | {p['top1']:.3f} | "
+                         f"{'-' if proxy is None else f'{100 * proxy:.2f}'} |")
+        if pred:
+            lines += ["", f"Fit on the stable phase: KL = {fit['a']:.4g} * tokens^-{fit['b']:.3f}; with this run's "
+                      f"decay gain ({pred['decay_gain']:.3f}) it predicts KL {pred['2x']:.3f} at 2x and "
+                      f"{pred['4x']:.3f} at 4x the budget ({pred['final_tokens']:,} tokens)."]
+            (run / "curve.json").write_text(json.dumps({"fit": fit, "prediction": pred}, indent=2) + "\n")
     lines += ["", "## Training", "", "| stage | tokens | steps | final loss | tokens/s | seconds |", "|---|---|---|---|---|---|"]
-    for st in ("ild-mla", "ild-mamba2", "distill", "dpo"):
+    for st in TRAINED_STAGES:
         r = s[st]
-        if r:
+        if r and "steps" in r:
             fin = r.get("final", {})
             lines.append(f"| {st} | {r.get('tokens')} | {r.get('steps')} | {fin.get('loss', float('nan')):.4f} | "
                          f"{r.get('tokens_per_s', 0):,.0f} | {r.get('seconds')} |")
-    if s["pairs"]:
+    if s["pairs"].get("pairs"):
         lines += ["", f"Preference pairs made: {s['pairs'].get('pairs')}"]
     sens = _read(run / "sensitivity" / "sensitivity.json")
     if sens:
@@ -90,3 +130,6 @@ def render_report(run_dir, cfg: dict | None = None) -> str:
     if _loss_curves(run, run / "loss_curves.png"):
         lines += ["", "## Loss curves", "", "![loss curves](loss_curves.png)"]
     return "\n".join(lines) + "\n"
+
+
+TRAINED_STAGES = ("ild", "distill", "dpo")

@@ -1,11 +1,15 @@
-"""The one training loop every stage uses (ILD, end-to-end distillation, DPO), SPEC 9's recipe:
-AdamW betas (0.9, 0.8), 1% linear warmup then cosine decay, gradient accumulation, clipping, bf16 autocast
-on GPU, seeded, with a budget in tokens (not steps).
+"""The one training loop every stage uses (ILD, end-to-end distillation, DPO): AdamW (fused on CUDA) over fp32
+master weights with bf16 autocast on GPU, parameter groups with their own learning rates, linear warmup then a
+cosine or warmup-stable-decay (WSD) schedule, gradient accumulation normalised per token, clipping, seeded, with
+a budget in tokens (not steps). SPEC 9's paper recipe (betas (0.9, 0.8), 1% warmup, cosine) is one setting;
+the defaults come from our ablations (RESULTS.md).
 
-What a reader sees in `Trainer.fit`: for each optimizer step, micro-batches -> loss_fn -> backward; clip;
-step; log one line to metrics.jsonl; checkpoint every `ckpt_every` steps. A checkpoint (trainable weights,
-optimizer, step, data position, RNG states) is written to a temp file and renamed, so a kill at any moment
-loses at most the work since the last one and never corrupts it; `fit` resumes from it automatically.
+What a reader sees in `Trainer.fit`: for each optimizer step, fetch the step's micro-batches, weigh each by its
+share of the step's counted tokens, loss_fn -> backward; clip; step; log one line to metrics.jsonl; every
+`eval_every` steps call the evaluator (held-out KL, accuracy proxy: the tokens-vs-quality curve); checkpoint
+every `ckpt_every` steps. A checkpoint (trainable weights, optimizer, step, data position, RNG states) is
+written to a temp file and renamed, so a kill at any moment loses at most the work since the last one and never
+corrupts it; `fit` resumes from it automatically.
 
 Multi-GPU ready: rank / world size come from torch.distributed when it is initialised (torchrun);
 only rank 0 logs and writes checkpoints. The data stream shards itself by rank (PackedStream gives each rank
@@ -22,28 +26,52 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
+
+
+SCHEDULES = ("cosine", "wsd")
+TOKEN_WEIGHTING = ("tokens", "micro")
 
 
 @dataclass
 class TrainConfig:
     tokens: int  # budget: tokens seen by the model (packed rows x seq_len, all ranks)
-    lr: float = 8e-5
-    betas: tuple = (0.9, 0.8)
+    lr: float = 8e-5  # of parameter groups that set none
+    betas: tuple = (0.9, 0.95)
     weight_decay: float = 0.0
     warmup_frac: float = 0.01
-    min_lr_frac: float = 0.0  # cosine decays to lr * min_lr_frac
+    warmup_steps: int = 0  # warmup = max(warmup_steps, warmup_frac * steps)
+    schedule: str = "cosine"  # "cosine": warmup then cosine to min_lr_frac; "wsd": warmup, constant, linear decay
+    decay_frac: float = 0.2  # wsd: the last decay_frac of the steps decay linearly to lr * min_lr_frac
+    min_lr_frac: float = 0.0
+    token_weighting: str = "tokens"  # "tokens": a step's loss is the mean over all its counted tokens;
+    # "micro": each micro-batch weighs the same whatever its token count (the old behaviour)
     batch_size: int = 4  # rows per micro-batch per rank
     grad_accum: int = 1
     clip: float = 1.0
     seed: int = 0
-    ckpt_every: int = 50  # optimizer steps
+    ckpt_every: int = 50  # optimizer steps (0: no checkpoints, e.g. benchmarks)
     log_every: int = 1
     bf16: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "yes" / "no"
     grad_checkpointing: bool = False
+    eval_every: int = 0  # optimizer steps between evaluator calls (0: only at the start and the end, if given)
     extra: dict = field(default_factory=dict)
+
+    def check(self) -> None:
+        """ValueError naming the first bad field."""
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.token_weighting not in TOKEN_WEIGHTING:
+            raise ValueError(f"token_weighting must be one of {TOKEN_WEIGHTING}, got {self.token_weighting!r}")
+        if not 0.0 <= self.decay_frac <= 1.0:
+            raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def dist_info() -> tuple[int, int]:
@@ -52,10 +80,19 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def lr_factor(step: int, total: int, warmup: int, min_frac: float = 0.0) -> float:
-    """Linear warmup over `warmup` steps, then cosine from 1 to min_frac at `total`."""
+def lr_factor(step: int, total: int, warmup: int, min_frac: float = 0.0, schedule: str = "cosine",
+              decay_frac: float = 0.2) -> float:
+    """The LR multiplier of optimizer step `step` (0-based): linear warmup over `warmup` steps, then
+    cosine from 1 to min_frac at `total`, or (wsd) 1 until the last decay_frac of the steps and a linear decay
+    to min_frac over those (so a run can be stopped or extended without a fresh warmup)."""
     if step < warmup:
         return (step + 1) / warmup
+    if schedule == "wsd":
+        decay = max(1, round(decay_frac * total)) if decay_frac > 0 else 0
+        start = total - decay
+        if step < start or decay == 0:
+            return 1.0
+        return min_frac + (1 - min_frac) * max(0.0, (total - step - 1) / decay)
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -77,27 +114,58 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def param_groups(groups) -> list[dict]:
+    """Normalise what a stage trains into AdamW parameter groups: an iterable of parameters (one group), or of
+    dicts {"params": [...], "lr": x (optional), "name": str (optional)}. Frozen parameters are dropped, and so are
+    groups left empty."""
+    groups = list(groups)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    out = []
+    for i, g in enumerate(groups):
+        ps = [p for p in g["params"] if p.requires_grad]
+        if ps:
+            out.append({**g, "params": ps, "name": g.get("name", f"group{i}")})
+    return out
+
+
 class Trainer:
     """fit() trains `params` of `model` with `loss_fn(batch) -> (loss, n_tokens, metrics)` on `stream`.
 
+    params: parameters, or parameter groups (see param_groups) with their own "lr".
     stream: an iterable of batches with `state_dict()` / `load_state_dict()` (resumable) and
-    `tokens_per_batch`; loss is already normalised per token by loss_fn.
+    `tokens_per_batch`; loss is the mean over the batch's counted tokens. When loss_fn has a `count(batch)`
+    method (the number of counted tokens, known before the forward), micro-batches are weighed by their share
+    of the step's tokens (cfg.token_weighting "tokens"), so a step's loss is the per-token mean over the step.
+    evaluator: optional `fn() -> dict` of held-out metrics, called every `eval_every` steps, at the start of a
+    fresh run and at the end; its time is excluded from tokens/s.
     """
 
-    def __init__(self, model: torch.nn.Module, params: Iterable[torch.nn.Parameter], loss_fn: Callable,
-                 stream, cfg: TrainConfig, out_dir: str | Path, name: str, device: torch.device):
+    def __init__(self, model: torch.nn.Module, params, loss_fn: Callable, stream, cfg: TrainConfig,
+                 out_dir: str | Path, name: str, device: torch.device, evaluator: Callable | None = None):
+        cfg.check()
         self.model, self.loss_fn, self.stream, self.cfg = model, loss_fn, stream, cfg
-        self.params = [p for p in params if p.requires_grad]
+        self.groups = param_groups(params)
+        self.params = [p for g in self.groups for p in g["params"]]
+        if not self.params:
+            raise ValueError(f"{name}: nothing to train (every parameter is frozen)")
         self.out_dir, self.name, self.device = Path(out_dir), name, device
+        self.evaluator = evaluator
         self.rank, self.world = dist_info()
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         tokens_per_step = stream.tokens_per_batch * cfg.grad_accum * self.world
         self.total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
-        self.warmup = max(1, round(cfg.warmup_frac * self.total_steps))
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.warmup = min(self.total_steps, max(1, cfg.warmup_steps, round(cfg.warmup_frac * self.total_steps)))
+        cuda = device.type == "cuda"
+        if cuda:  # fp32 matmuls that stay fp32 under autocast (the SSD scan) may use TF32
+            torch.backends.cuda.matmul.allow_tf32 = True
+        self.opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in self.groups], lr=cfg.lr,
+                                     betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                                     **({"fused": True} if cuda else {}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: lr_factor(s, self.total_steps, self.warmup, cfg.min_lr_frac))
+            self.opt, lambda s: lr_factor(s, self.total_steps, self.warmup, cfg.min_lr_frac, cfg.schedule,
+                                          cfg.decay_frac))
         self.step = 0
         self.tokens_seen = 0
         use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and device.type == "cuda")
@@ -146,6 +214,33 @@ class Trainer:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def _evaluate(self) -> float:
+        """Call the evaluator (model in eval mode, no grad), log it; returns the seconds it took."""
+        if self.evaluator is None:
+            return 0.0
+        t0 = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            res = self.evaluator()
+        self.model.train()
+        dt = time.perf_counter() - t0
+        self._log({"event": "eval", "step": self.step, "tokens": self.tokens_seen, "seconds": round(dt, 2), **res})
+        return dt
+
+    def _weights(self, batches: list) -> list[float]:
+        """Each micro-batch's weight in the step's loss: its share of the counted tokens ("tokens"), or 1/n."""
+        count = getattr(self.loss_fn, "count", None)
+        if self.cfg.token_weighting == "tokens" and count is not None:
+            n = [int(count(b)) for b in batches]
+            if self.world > 1:  # every rank's tokens count: normalise by the global total
+                t = torch.tensor(sum(n), dtype=torch.float64, device=self.device)
+                torch.distributed.all_reduce(t)
+                total = float(t)
+            else:
+                total = float(sum(n))
+            return [k * self.world / total if total > 0 else 0.0 for k in n]
+        return [1.0 / len(batches)] * len(batches)
+
     # ---- the loop ------------------------------------------------------------------------------------
     def fit(self) -> dict:
         from tqdm import tqdm
@@ -154,6 +249,8 @@ class Trainer:
         if not self.maybe_resume():
             seed_everything(self.cfg.seed)
         self.model.train()
+        eval_out = self._evaluate() if self.step == 0 else 0.0  # outside the timed loop
+        eval_s = 0.0  # inside it
         it = iter(self.stream)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
                    disable=self.rank != 0, dynamic_ncols=True)
@@ -162,25 +259,28 @@ class Trainer:
         last = {}
         while self.step < self.total_steps:
             t0 = time.perf_counter()
-            loss_sum, n_tok_sum, agg = 0.0, 0, {}
+            batches = []
             for _ in range(self.cfg.grad_accum):
                 batch = next(it, None)
                 if batch is None:  # data ran out before the token budget: stop cleanly
-                    self.total_steps = self.step
                     break
-                batch = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+                batches.append({k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                                for k, v in batch.items()})
+            if len(batches) < self.cfg.grad_accum:
+                self.total_steps = self.step
+                break
+            loss_sum, n_tok_sum, agg = 0.0, 0, {}
+            for batch, w in zip(batches, self._weights(batches)):
                 with self.autocast:
                     loss, n_tok, metrics = self.loss_fn(batch)
-                (loss / self.cfg.grad_accum).backward()
-                loss_sum += loss.item() / self.cfg.grad_accum
+                (loss * w).backward()
+                loss_sum += loss.item() * w
                 n_tok_sum += int(n_tok)
                 for k, v in metrics.items():
-                    agg[k] = agg.get(k, 0.0) + float(v) / self.cfg.grad_accum
+                    agg[k] = agg.get(k, 0.0) + float(v) * w
                 self.tokens_seen += self.stream.tokens_per_batch * self.world
-            if self.step >= self.total_steps:
-                self.opt.zero_grad(set_to_none=True)
-                break
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.clip) if self.cfg.clip else torch.tensor(0.0)
+            lrs = self.sched.get_last_lr()  # the learning rates this step uses
             self.opt.step()
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
@@ -188,22 +288,29 @@ class Trainer:
             steps_here += 1
             dt = time.perf_counter() - t0
             tps = self.stream.tokens_per_batch * self.cfg.grad_accum * self.world / dt
-            last = {"step": self.step, "tokens": self.tokens_seen, "loss": loss_sum, "lr": self.sched.get_last_lr()[0],
+            last = {"step": self.step, "tokens": self.tokens_seen, "loss": loss_sum, "lr": lrs[0],
+                    **({f"lr_{g['name']}": lr for g, lr in zip(self.groups, lrs)} if len(lrs) > 1 else {}),
                     "grad_norm": float(gnorm), "tokens_per_s": tps, "loss_tokens": n_tok_sum, **agg}
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 self._log(last)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}")
-            if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
+                eval_s += self._evaluate()
+            if self.cfg.ckpt_every and (self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps):
                 self.save_checkpoint()
             if self._stop_after and steps_here >= self._stop_after and self.step < self.total_steps:
                 bar.close()
                 raise KeyboardInterrupt(f"ZEBRA_STOP_AFTER_STEPS={self._stop_after}")
         bar.close()
-        self.model.eval()
         elapsed = time.perf_counter() - t_start
+        eval_out += self._evaluate()
+        self.model.eval()
+        train_s = max(elapsed - eval_s, 1e-9)
         summary = {"steps": self.step, "tokens": self.tokens_seen, "final": last,
-                   "tokens_per_s": (self.tokens_seen - tok_start) / elapsed if elapsed > 0 else 0.0,
-                   "seconds": elapsed}
+                   "tokens_per_s": (self.tokens_seen - tok_start) / train_s, "seconds": elapsed + eval_out,
+                   "eval_seconds": eval_s + eval_out, "world_size": self.world,
+                   "tokens_per_step": self.stream.tokens_per_batch * self.cfg.grad_accum * self.world,
+                   "warmup_steps": self.warmup, "schedule": self.cfg.schedule}
         self._log({"event": "done", **summary})
         return summary
