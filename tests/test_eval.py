@@ -120,3 +120,42 @@ def test_cli_end_to_end_on_a_tiny_student(tmp_path, teacher_tokenizer):
     text = json.dumps(data)
     for key in ("acc_norm", "stderr", "lm_eval", "kv_percent"):
         assert key in text, key
+
+
+def test_partition_balances_by_requests():
+    """The largest task goes alone, the small ones share the other workers; order within a worker is kept."""
+    from zebra.commands.eval import partition
+
+    counts = {"arc_easy": 2280, "mmlu": 56168, "piqa": 3676, "hellaswag": 40168, "winogrande": 2534}
+    parts = partition(counts, 3)
+    assert parts[0] == ["mmlu"] and parts[1] == ["hellaswag"] and sorted(parts[2]) == ["arc_easy", "piqa", "winogrande"]
+    assert partition(counts, 8) == [["mmlu"], ["hellaswag"], ["piqa"], ["winogrande"], ["arc_easy"]]
+    assert partition({"arc_easy": 1}, 4) == [["arc_easy"]]
+
+
+def test_jobs_2_gives_the_numbers_of_jobs_1(tmp_path, teacher_dir, capsys):
+    """`zebra eval --jobs 2` (two spawned workers, one task each, each loading the teacher) reports exactly what
+    one process does: same metrics, stderr, n, table."""
+    runs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}.json"
+        assert main(["eval", "--model", str(teacher_dir), "--tasks", "arc_easy,piqa", "--limit", "4", "--jobs", jobs,
+                     "--device", "cpu", "--json", str(out)]) == 0
+        runs[jobs] = json.loads(out.read_text())
+    assert "2 worker processes per model: arc_easy | piqa" in capsys.readouterr().err
+    one, two = runs["1"], runs["2"]
+    assert one["format"] == two["format"] == "zebra-eval/1" and list(one) == list(two)
+    for key in ("results", "kv_percent", "params", "versions", "n_shot", "batch_sizes", "average"):
+        assert one["models"][0][key] == two["models"][0][key], key
+    assert one["table_markdown"] == two["table_markdown"] and one["stderr_markdown"] == two["stderr_markdown"]
+
+
+def test_worker_error_names_the_task(tmp_path, teacher_dir, olmo_datasets_dir):
+    """A failure inside a worker comes back as a ZebraError naming the model and the task (here: ARC-E's data is
+    missing), without waiting for the other worker (PIQA, whose data is there)."""
+    from zebra.commands.eval import evaluate_models
+
+    (tmp_path / "piqa").symlink_to(olmo_datasets_dir / "piqa")
+    with pytest.raises(ZebraError, match=r"evaluating arc_easy failed in a worker process: no offline data for arc_easy"):
+        evaluate_models([str(teacher_dir)], ["arc_easy", "piqa"], limit=50, device="cpu", jobs=2, data_dir=tmp_path)
+

@@ -129,3 +129,37 @@ def test_bad_configs_fail_clearly(tmp_path):
             load_config(p)
     with pytest.raises(ZebraError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_ablations_reuse_shared_stages_and_tabulate(tiny_setup, tmp_path):
+    """zebra ablate: a variant that changes only distillation links init..compose from the first variant (one ILD
+    for both), a variant that changes the init runs its own; every variant gets a row; bad specs fail first."""
+    from zebra.ablate import run_ablations, stage_fingerprints, variant_configs, load_spec
+
+    root = tiny_setup
+    base = write_config(root, "abl-base", dpo={"enabled": False})
+    spec = tmp_path / "abl.yaml"
+    spec.write_text(yaml.safe_dump({
+        "base": str(base), "common": {"distill": {"eval_every": 0}},
+        "variants": {"baseline": {}, "betas-paper": {"distill": {"betas": [0.9, 0.8]}},
+                     "conv-random": {"student": {"conv_init": "random"}}}}))
+    cfgs = variant_configs(load_spec(spec))
+    fp = {n: stage_fingerprints(c) for n, c in cfgs.items()}
+    assert fp["baseline"]["compose"] == fp["betas-paper"]["compose"] != fp["conv-random"]["compose"]
+    assert fp["baseline"]["distill"] != fp["betas-paper"]["distill"]
+    out = tmp_path / "abl"
+    run_ablations(spec, out)
+    assert (out / "betas-paper" / "ild").is_symlink() and (out / "betas-paper" / "compose").is_symlink()
+    assert not (out / "betas-paper" / "distill").is_symlink()
+    assert not (out / "conv-random" / "init").is_symlink() and not (out / "conv-random" / "ild").is_symlink()
+    rows = json.loads((out / "ablations.json").read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok"] * 3
+    assert rows[0]["kl_ild"] == rows[1]["kl_ild"] and rows[0]["heldout_kl"] != rows[1]["heldout_kl"]
+    assert rows[2]["kl_init"] != rows[0]["kl_init"]
+    assert "| betas-paper |" in (out / "ablations.md").read_text()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"base": str(base), "variants": {"x": {"distill": {"betas": "fast"}}}}))
+    with pytest.raises(ZebraError, match="variant 'x'"):
+        run_ablations(bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()

@@ -271,3 +271,17 @@ def test_cli_errors(scores_file, capsys, argv, match):
     rc, _, err = run_cli(["smart", "--scores", scores_file, *argv], capsys)
     assert rc == 2
     assert match in err
+
+
+def test_top_and_uniform_placements_hand_checked():
+    """Table 3's baselines: the N highest scores, and N layers evenly spaced from the first to the last."""
+    from zebra.stages.smart import top_select, uniform_select
+
+    s = [1185.06, 382.73, 480.68, 350.95, 196.03, 367.82, 250.45, 114.44,
+         238.10, 120.56, 323.23, 228.90, 168.69, 233.87, 624.03, 361.47]
+    assert top_select(s, 4) == [0, 1, 2, 14]  # the paper's top-4 row
+    assert uniform_select(16, 4) == [0, 5, 10, 15]
+    assert uniform_select(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert uniform_select(30, 1) == [0]
+    with pytest.raises(ZebraError):
+        top_select(s, 17)

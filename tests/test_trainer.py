@@ -134,3 +134,38 @@ def test_bad_settings_are_refused_by_name(tmp_path, field, value, msg):
     with pytest.raises(ValueError, match=msg):
         Trainer(model, model.parameters(), toy_loss(model), ToyStream(), TrainConfig(tokens=16, **{field: value}),
                 tmp_path, "toy", torch.device("cpu"))
+
+
+class EndlessToy(ToyStream):
+    def __init__(self):
+        super().__init__(steps=1)
+
+    def __iter__(self):
+        while True:
+            self.pos += 1
+            yield self.batches[self.pos % 2]
+
+
+def test_time_budget_ends_the_stage_in_time_with_a_full_decay(tmp_path):
+    """time_budget_s: the token budget would take 2000 steps of ~10 ms; the stage ends within ~1 s instead, and the
+    WSD schedule still decays to 0 on the last step (the step count is fixed before the decay starts)."""
+    import time as _time
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    inner = toy_loss(model)
+
+    def slow_loss(batch):
+        _time.sleep(0.01)
+        return inner(batch)
+    slow_loss.count = inner.count
+    tr = Trainer(model, model.parameters(), slow_loss, EndlessToy(),
+                 TrainConfig(tokens=2000 * 8, time_budget_s=1.0, schedule="wsd", decay_frac=0.2, ckpt_every=0),
+                 tmp_path, "toy", torch.device("cpu"))
+    t0 = _time.perf_counter()
+    summary = tr.fit()
+    took = _time.perf_counter() - t0
+    assert 0.6 < took < 1.6 and 30 < summary["steps"] < 120
+    recs = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
+    assert len(recs) == summary["steps"] and recs[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
+    assert any('"budget"' in x for x in (tmp_path / "metrics.jsonl").read_text().splitlines())

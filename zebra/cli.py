@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": ("eval", "zero-/few-shot accuracy with lm-eval's tasks on the offline eval data (+ table, JSON)"),
     "report": ("report", "report.md + plots (sensitivity, accuracy vs KV, throughput) from a run folder"),
     "run": ("run", "the whole pipeline from one YAML config, resumable"),
+    "ablate": ("ablate", "recipe ablations at a fixed budget: one run per variant, shared stages reused, one table"),
     "init": ("stage", "pipeline stage: pure-MLA and pure-Mamba2 initialised students"),
     "ild": ("stage", "pipeline stage: intermediate layer distillation"),
     "sensitivity": ("stage", "pipeline stage: per-layer sensitivity scores"),

@@ -27,6 +27,7 @@ import torch
 from .errors import ZebraError
 from .runconfig import DEFAULTS, load_config  # noqa: F401  (re-exported: zebra.pipeline.load_config)
 
+_PROXY: dict = {}  # (teacher, tasks, limit) -> (QuickMC, the teacher's scores)
 STAGES = ["init", "ild", "sensitivity", "smart", "compose", "distill", "pairs", "dpo", "eval", "report"]
 TRAINED = ("ild", "distill", "dpo")
 
@@ -136,18 +137,20 @@ class Run:
                          batch_size=self.cfg["eval"]["batch_size"])
 
     def stream(self, split: str, stage: dict, loss_on: str = "all"):
+        from .assets import cache_dir
         from .data.packing import build_dataset
 
+        # tokenised sources are cached by (tokenizer, source, loss_on) under the zebra cache: every run shares them
         return build_dataset(self.tokenizer(), self.cfg["data"], seq_len=stage.get("seq_len") or self.cfg["seq_len"],
                              split=split, seed=self.cfg["seed"], max_tokens=stage["tokens"],
                              batch_size=stage["batch_size"], ild_fraction=self.cfg["ild_fraction"], loss_on=loss_on,
-                             cache_dir=self.out / "data-cache")
+                             cache_dir=cache_dir() / "tokenized")
 
     def train_config(self, stage: dict, tokens: int, **extra):
         from .stages.trainer import TrainConfig
 
         keys = ("lr", "batch_size", "grad_accum", "ckpt_every", "grad_checkpointing", "warmup_frac",
-                "warmup_steps", "schedule", "decay_frac", "token_weighting", "eval_every")
+                "warmup_steps", "schedule", "decay_frac", "token_weighting", "eval_every", "time_budget_s")
         kw = {k: stage[k] for k in keys if k in stage}
         if "betas" in stage:
             kw["betas"] = tuple(stage["betas"])
@@ -238,7 +241,7 @@ class Run:
 
     def run_smart(self):
         from .convert.teacher import load_teacher_config
-        from .stages.smart import kv_budget_num_mla, load_scores, smart_select
+        from .stages.smart import kv_budget_num_mla, load_scores, smart_select, top_select, uniform_select
 
         s = self.cfg["student"]
         L = self.num_layers()
@@ -252,7 +255,9 @@ class Run:
             n = s["num_mla"]
             if s["kv_budget"] is not None:
                 n = kv_budget_num_mla(load_teacher_config(self.cfg["base"]), s["kv_budget"], s["kv_rank"], s["rope_dim"])
-            layers, how = smart_select(scores, n), "smart"
+            how = s["placement"]
+            layers = {"smart": lambda: smart_select(scores, n), "top": lambda: top_select(scores, n),
+                      "uniform": lambda: uniform_select(L, n)}[how]()
         both = sorted(set(layers) & set(attention))
         if both:
             raise ZebraError(f"layers {both} are both in student.mla_layers (or SMART's choice) and "
@@ -399,18 +404,87 @@ class Run:
         plain = self.kl(student, plaintext_heldout_sequences(self.tokenizer(), e["plaintext_seqs"], e["seq_len"]))
         kv = student.config.kv_summary()
         result = {"model": str(path), "heldout_chat": chat, "plaintext": plain, "kv": kv}
+        if e["proxy_tasks"]:
+            result["proxy"] = self._proxy(student)
         del student
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         if e["tasks"]:
-            from .commands.eval import evaluate_models
-
-            res = evaluate_models([self.cfg["teacher"], str(path)], e["tasks"], limit=e["limit"],
-                                  device=str(self.device), jobs=e["jobs"], json_out=str(d / "eval.json"))
-            result["lm_eval"] = {"table_markdown": res["table_markdown"], "models": res["models"],
-                                 "seconds": res.get("seconds")}
+            result["lm_eval"] = self._lm_eval(path, d)
         self._write_summary(result)
         return result
+
+    def _teacher_eval_cmd(self, out_json: Path) -> list[str]:
+        import sys
+
+        e = self.cfg["eval"]
+        cmd = [sys.executable, "-m", "zebra.cli", "eval", "--model", str(self.cfg["teacher"]),
+               "--tasks", ",".join(e["tasks"]), "--json", str(out_json), "--device", str(self.device),
+               "--jobs", str(e["jobs"])]
+        return cmd + (["--limit", str(e["limit"])] if e["limit"] is not None else [])
+
+    def start_teacher_eval(self) -> None:
+        """Score the teacher on the lm-eval tasks in a background process while the student trains (it does not
+        depend on training; lm-eval is mostly Python-bound, so it costs the GPU job little). The eval stage waits
+        for it and scores only the student. GPU runs with eval.teacher_async only."""
+        import subprocess
+
+        e = self.cfg["eval"]
+        d = self.stage_dir("eval")
+        if not (e["tasks"] and e["teacher_async"] and self.device.type == "cuda") or self.done("eval"):
+            return
+        if (d / "teacher-eval.json").exists() or getattr(self, "_teacher_proc", None) is not None:
+            return
+        d.mkdir(parents=True, exist_ok=True)
+        log = open(d / "teacher-eval.log", "w")
+        self._teacher_proc = subprocess.Popen(self._teacher_eval_cmd(d / "teacher-eval.json"), stdout=log,
+                                              stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        print(f"[zebra run] teacher lm-eval started in the background (pid {self._teacher_proc.pid})", flush=True)
+
+    def _lm_eval(self, student_path: Path, d: Path) -> dict:
+        """lm-eval of teacher and student -> eval/eval.json (the `zebra eval --json` format, teacher first, % of the
+        teacher). The teacher's scores come from the background run when one was started."""
+        from .commands.eval import evaluate_models
+        from .eval.table import markdown_table, stderr_table, summarize
+
+        e = self.cfg["eval"]
+        proc = getattr(self, "_teacher_proc", None)
+        tjson = d / "teacher-eval.json"
+        if proc is not None:
+            rc = proc.wait()
+            if rc != 0:
+                print(f"[zebra run] background teacher lm-eval failed (exit {rc}, {d / 'teacher-eval.log'}); "
+                      "scoring the teacher now", flush=True)
+        if tjson.exists():
+            teacher = json.loads(tjson.read_text())
+            res = evaluate_models([str(student_path)], e["tasks"], limit=e["limit"], device=str(self.device),
+                                  jobs=e["jobs"])
+            rows = summarize([teacher["models"][0], res["models"][0]], e["tasks"], 0)
+            res["models"], res["reference"] = rows, teacher["reference"]
+            res["table_markdown"] = markdown_table(rows, e["tasks"])
+            res["stderr_markdown"] = stderr_table(rows, e["tasks"])
+            res["teacher_seconds_background"] = teacher.get("seconds")
+            (d / "eval.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+        else:
+            res = evaluate_models([self.cfg["teacher"], str(student_path)], e["tasks"], limit=e["limit"],
+                                  device=str(self.device), jobs=e["jobs"], json_out=str(d / "eval.json"))
+        return {"table_markdown": res["table_markdown"], "models": res["models"], "seconds": res.get("seconds")}
+
+    def _proxy(self, student) -> dict:
+        """Multiple-choice accuracy proxy (zebra.eval.quick) of the student and the teacher (the teacher scored once
+        per process for a task set: ablations evaluate many students), with the student's % of the teacher."""
+        from .eval.quick import QuickMC
+
+        e = self.cfg["eval"]
+        key = (str(self.cfg["teacher"]), tuple(e["proxy_tasks"]), e["proxy_limit"])
+        if key not in _PROXY:
+            quick = QuickMC.build(self.tokenizer(), tasks=key[1], limit=e["proxy_limit"])
+            _PROXY[key] = (quick, quick.score(self.eval_teacher()))
+        quick, teacher = _PROXY[key]
+        student_s = quick.score(student)
+        avg = "avg_acc_norm"
+        return {"student": student_s, "teacher": teacher,
+                "percent_of_teacher": 100 * student_s[avg] / teacher[avg] if teacher.get(avg) else None}
 
     def _write_summary(self, ev: dict) -> None:
         """RUN/summary.json: the headline numbers of the run (final student vs teacher) and stage times."""
@@ -434,6 +508,8 @@ class Run:
             "stage_seconds": stage_s,
             "total_seconds": round(time.time() - start, 1),
         }
+        if "proxy" in ev:
+            summary["proxy"] = ev["proxy"]
         if "lm_eval" in ev:
             summary["lm_eval"] = {r["model"]: {k: r.get(k) for k in ("scores", "average", "percent_of_reference")}
                                   for r in ev["lm_eval"]["models"]}
@@ -461,6 +537,8 @@ class Run:
             if self.done(name) and name != "report":
                 print(f"[zebra run] {name}: done, skipping", flush=True)
                 continue
+            if name == "distill" and not (only and "eval" not in only):
+                self.start_teacher_eval()
             print(f"[zebra run] {name} ...", flush=True)
             self._stage_t0 = time.perf_counter()
             summary = fns[name]()

@@ -29,24 +29,26 @@ DEFAULTS = {
     "ild_fraction": 0.2,
     "device": "auto",
     "compile": "auto",  # torch.compile the decoder layers while training: auto (= on CUDA), true, false
-    "student": {"num_mla": 6, "mla_layers": None, "attention_layers": None, "kv_budget": None, "kv_rank": 64,
+    "student": {"num_mla": 6, "placement": "smart", "mla_layers": None, "attention_layers": None, "kv_budget": None, "kv_rank": 64,
                 "q_rank": None, "rope_dim": 32, "nope_dim": None,
                 "rope_select": "pairs",  # MLA RoPE from whole rotary pairs by norm ("last": the paper's last d_r dims)
                 "conv_init": "identity"},  # Mamba2 short conv as the identity ("random": Mamba2's default)
     "ild": {"mode": "mixers", "tokens": 1_000_000, "lr": 1e-3, "batch_size": 4, "grad_accum": 1, "seq_len": None,
             "betas": [0.9, 0.95], "warmup_steps": 0, "warmup_frac": 0.01, "schedule": "cosine", "decay_frac": 0.2,
-            "ckpt_every": 50, "grad_checkpointing": False},
+            "ckpt_every": 50, "grad_checkpointing": False, "time_budget_s": 0.0},
     "sensitivity": {"num_seqs": 64, "seq_len": 512, "batch_size": 8},
     "distill": {"tokens": 4_000_000, "lr": 8e-5, "lr_other": None, "batch_size": 4, "grad_accum": 1,
                 "seq_len": None, "betas": [0.9, 0.95], "warmup_steps": 0, "warmup_frac": 0.01, "schedule": "cosine",
                 "decay_frac": 0.2, "loss_on": "assistant", "token_weighting": "tokens", "ckpt_every": 50,
                 "grad_checkpointing": False, "eval_every": 0, "curve_seqs": 32, "curve_tasks": None,
-                "curve_limit": 200},
+                "curve_limit": 200, "time_budget_s": 0.0},
     "pairs": {"num_pairs": 256, "max_new_tokens": 128, "temperature": 1.0, "batch_size": 32},
     "dpo": {"enabled": True, "lr": 5e-7, "beta": 0.1, "epochs": 1, "batch_size": 4, "grad_accum": 1,
             "max_len": 1024, "ckpt_every": 50, "pairs_file": None},  # pairs_file: your own (prompt, chosen, rejected) JSONL
     "eval": {"num_seqs": 64, "seq_len": 512, "batch_size": 8, "plaintext_seqs": 64,
-             "tasks": [], "limit": None, "jobs": "auto"},  # tasks: lm-eval tasks for teacher and student ([] = none)
+             "tasks": [], "limit": None, "jobs": "auto",  # tasks: lm-eval tasks for teacher and student ([] = none)
+             "proxy_tasks": [], "proxy_limit": 500,  # the fast multiple-choice proxy (zebra.eval.quick)
+             "teacher_async": True},  # on a GPU, score the teacher in the background while the student trains
 }
 
 # types for keys whose default is None or that take several types: dotted key -> allowed kinds
@@ -75,6 +77,7 @@ CHOICES = {
     "distill.loss_on": ("assistant", "all"),
     "distill.token_weighting": ("tokens", "micro"),
     "student.rope_select": ("pairs", "last"),
+    "student.placement": ("smart", "top", "uniform"),
     "student.conv_init": ("identity", "random"),
 }
 POSITIVE = ("seq_len", "ild.tokens", "ild.lr", "ild.batch_size", "ild.grad_accum", "distill.tokens", "distill.lr",

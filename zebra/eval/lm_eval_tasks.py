@@ -29,6 +29,7 @@ being scored (it does that whenever fewshot_split == test_split), so no example 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -362,6 +363,30 @@ def run_tasks(lm, tasks: dict[str, Any], limit: int | float | None = None,
         out[name] = row
     out["_raw"] = raw
     return out
+
+
+# Answer choices per document (ARC has a few 3- and 5-choice questions; 4 is close enough for load balancing).
+_CHOICES = {"piqa": 2, "winogrande": 2, "boolq": 2}
+
+
+def request_count(name: str, data_root: str | Path, limit: int | float | None = None) -> int:
+    """About how many loglikelihood requests lm-eval makes for a task under `limit` (documents x choices, limit
+    applied per MMLU subject as lm-eval does), from the offline split sizes alone (memory-mapped, no lm-eval
+    task built): what `zebra eval --jobs` balances its workers by."""
+    import datasets
+
+    spec = TASKS[name]
+    split = spec.overrides.get("test_split", "test" if spec.per_subset else "validation")
+    root = Path(data_root) / spec.data
+    subsets = sorted(root.iterdir()) if spec.per_subset and root.is_dir() else []
+    dirs = [d / split for d in subsets if (d / split).is_dir()] if spec.per_subset else [root / split]
+    total = 0
+    for d in dirs:  # missing data counts 0 here: build_tasks reports it, with its path
+        n = len(datasets.load_from_disk(str(d))) if (d / "state.json").is_file() else 0
+        if limit is not None:  # lm_eval.evaluator_utils.get_sample_size
+            n = min(n, math.ceil(n * limit) if limit < 1 else int(limit))
+        total += n
+    return total * _CHOICES.get(name, 4)
 
 
 def task_info(names: list[str], data_root: str | Path | None = None) -> dict[str, dict]:

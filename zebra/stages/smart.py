@@ -231,6 +231,22 @@ def smart_select(scores: list[float], num_mla: int, num_layers: int | None = Non
     return smart_plan(scores, num_mla, num_layers).layers
 
 
+def top_select(scores: list[float], num_mla: int) -> list[int]:
+    """The num_mla highest-scoring layers (the paper's "top-N" baseline in Table 3), sorted; ties to the lower index."""
+    if not 0 <= num_mla <= len(scores):
+        raise ZebraError(f"cannot pick {num_mla} of {len(scores)} layers")
+    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:num_mla])
+
+
+def uniform_select(num_layers: int, num_mla: int) -> list[int]:
+    """num_mla layers evenly spaced from the first to the last (Table 3's uniform baseline; includes both ends)."""
+    if not 0 <= num_mla <= num_layers:
+        raise ZebraError(f"cannot pick {num_mla} of {num_layers} layers")
+    if num_mla == 1:
+        return [0]
+    return sorted({round(i * (num_layers - 1) / (num_mla - 1)) for i in range(num_mla)})
+
+
 # ---- KV budget (SPEC 9) ----------------------------------------------------------------------------------
 def kv_geometry(cfg, kv_rank: int | None, rope_dim: int | None) -> tuple[int, int, int]:
     """(L, teacher KV values per token over all layers, values per token of one MLA layer) from an HF teacher

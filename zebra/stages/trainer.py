@@ -57,6 +57,7 @@ class TrainConfig:
     bf16: str = "auto"  # "auto": bf16 autocast on CUDA, fp32 on CPU; "yes" / "no"
     grad_checkpointing: bool = False
     eval_every: int = 0  # optimizer steps between evaluator calls (0: only at the start and the end, if given)
+    time_budget_s: float = 0.0  # > 0: end the stage within this many seconds (fewer steps than `tokens` allow)
     extra: dict = field(default_factory=dict)
 
     def check(self) -> None:
@@ -155,7 +156,7 @@ class Trainer:
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         tokens_per_step = stream.tokens_per_batch * cfg.grad_accum * self.world
-        self.total_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
+        self.total_steps = self._token_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
         self.warmup = min(self.total_steps, max(1, cfg.warmup_steps, round(cfg.warmup_frac * self.total_steps)))
         cuda = device.type == "cuda"
         if cuda:  # fp32 matmuls that stay fp32 under autocast (the SSD scan) may use TF32
@@ -168,6 +169,7 @@ class Trainer:
                                           cfg.decay_frac))
         self.step = 0
         self.tokens_seen = 0
+        self.budget_frozen = False  # time budget: the step count is fixed once the schedule nears its decay
         use_bf16 = cfg.bf16 == "yes" or (cfg.bf16 == "auto" and device.type == "cuda")
         self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16
                          else torch.autocast(device.type, enabled=False))
@@ -175,6 +177,10 @@ class Trainer:
         self._stop_after = int(os.environ.get("ZEBRA_STOP_AFTER_STEPS", "0") or 0)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        t = getattr(self, "_t_fit", None)
+        return self._resumed_s + (time.perf_counter() - t if t is not None else 0.0)
+
     def _trainable_state(self) -> dict:
         names = {id(p): n for n, p in self.model.named_parameters()}
         return {names[id(p)]: p.detach().cpu().clone() for p in self.params}
@@ -183,12 +189,15 @@ class Trainer:
         if self.rank != 0:
             return
         atomic_torch_save({
-            "step": self.step, "tokens_seen": self.tokens_seen, "params": self._trainable_state(),
+            "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+            "budget_frozen": self.budget_frozen, "elapsed_s": self._elapsed(), "params": self._trainable_state(),
             "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "stream": self.stream.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "config": asdict(self.cfg),
         }, self.ckpt_path)
+
+    _resumed_s = 0.0  # stage seconds spent before the last resume (time budget)
 
     def maybe_resume(self) -> bool:
         if not self.ckpt_path.exists():
@@ -206,6 +215,9 @@ class Trainer:
         if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
         self.step, self.tokens_seen = ck["step"], ck["tokens_seen"]
+        self.total_steps = ck.get("total_steps", self.total_steps)
+        self._resumed_s = ck.get("elapsed_s", 0.0)
+        self.budget_frozen = ck.get("budget_frozen", False)
         self._log({"event": "resumed", "step": self.step, "tokens": self.tokens_seen})
         return True
 
@@ -226,6 +238,27 @@ class Trainer:
         dt = time.perf_counter() - t0
         self._log({"event": "eval", "step": self.step, "tokens": self.tokens_seen, "seconds": round(dt, 2), **res})
         return dt
+
+    def _fit_time_budget(self, elapsed: float, step_times: list[float], eval_s: float) -> None:
+        """With cfg.time_budget_s: set total_steps so that the stage ends within the budget, from the median step
+        time so far (compile steps excluded) and the evaluator's share. Re-estimated every 20 steps until 75% of
+        the run, then frozen, so a WSD decay or a cosine tail is not moved once it matters. Never more steps than
+        the token budget gives."""
+        budget = self.cfg.time_budget_s
+        if not budget or self.budget_frozen or len(step_times) < 8 or self.step % 20 not in (0, 8):
+            return
+        per_step = sorted(step_times[3:])[len(step_times[3:]) // 2]
+        evals_left = 0.0
+        if self.cfg.eval_every and self._evals:
+            evals_left = eval_s / self._evals / self.cfg.eval_every  # evaluator seconds per step
+        fit = self.step + int(max(0.0, budget - elapsed) / (per_step + evals_left))
+        total = max(self.step + 1, min(self._token_steps, fit))
+        if total != self.total_steps:
+            self.total_steps = total
+            self.warmup = min(self.warmup, total)
+            self._log({"event": "budget", "step": self.step, "total_steps": total, "sec_per_step": per_step})
+        if self.step >= 0.75 * self.total_steps:
+            self.budget_frozen = True
 
     def _weights(self, batches: list) -> list[float]:
         """Each micro-batch's weight in the step's loss: its share of the counted tokens ("tokens"), or 1/n."""
@@ -249,8 +282,11 @@ class Trainer:
         if not self.maybe_resume():
             seed_everything(self.cfg.seed)
         self.model.train()
+        self._evals = 0
+        t_fit = self._t_fit = time.perf_counter()
         eval_out = self._evaluate() if self.step == 0 else 0.0  # outside the timed loop
         eval_s = 0.0  # inside it
+        step_times: list[float] = []
         it = iter(self.stream)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=self.name, unit="step",
                    disable=self.rank != 0, dynamic_ncols=True)
@@ -295,8 +331,12 @@ class Trainer:
                 self._log(last)
             bar.update(1)
             bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{tps:,.0f}")
+            step_times.append(dt)
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total_steps:
                 eval_s += self._evaluate()
+                self._evals += 1
+            self._fit_time_budget(time.perf_counter() - t_fit + self._resumed_s, step_times, eval_s)
+            bar.total = self.total_steps
             if self.cfg.ckpt_every and (self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps):
                 self.save_checkpoint()
             if self._stop_after and steps_here >= self._stop_after and self.step < self.total_steps:

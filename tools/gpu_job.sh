@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The long GPU job, started in the background by `tools/gpu_session.sh start` (setsid: it outlives the device
+# call; later calls follow it with `tools/gpu_session.sh wait`). Steps, each logged to /tmp/<step>.log and
+# /tmp/job.log:
+#   smoke    configs/gpu-smoke.yaml: every stage in about a minute; on failure nothing else runs
+#   bench    zebra bench --what train (SmolLM2 pair and the Llama-3.2-1B shape) -> /tmp/results/train-bench
+#   quality  zebra run configs/smollm2-135m-quality.yaml -> /tmp/quality (lm-eval of teacher and student inside)
+#   ablate   zebra ablate configs/ablations-smollm2.yaml -> /tmp/ablations, until JOB_DEADLINE (epoch seconds)
+# JOB_STEPS (default "smoke bench quality ablate") picks steps. /tmp/job.done marks the end.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+R=/tmp/results
+mkdir -p "$R"
+: > /tmp/job.log
+say() { echo "$(date +%T) $*" | tee -a /tmp/job.log; }
+step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, return its status
+    local name=$1 limit=$2; shift 2
+    say "start $name"
+    timeout "$limit" "$@" > "/tmp/$name.log" 2>&1
+    local rc=$?
+    say "end $name rc=$rc"
+    return $rc
+}
+deadline=${JOB_DEADLINE:-$(( $(date +%s) + 1500 ))}
+for s in ${JOB_STEPS:-smoke bench quality ablate}; do
+    case $s in
+    smoke)
+        step smoke 420 python3 -m zebra.cli run configs/gpu-smoke.yaml --out /tmp/smoke \
+            || { say "SMOKE FAILED: nothing else runs"; tail -40 /tmp/smoke.log >> /tmp/job.log; break; } ;;
+    bench)
+        step bench 420 python3 -m zebra.cli bench --what train --shapes smollm2,1b --train-variants fast,fla \
+            --steps 6 --warmup 3 --out "$R/train-bench" ;;
+    quality)
+        step quality 1200 python3 -m zebra.cli run configs/smollm2-135m-quality.yaml --out /tmp/quality ;;
+    ablate)
+        left=$(( deadline - $(date +%s) - 60 ))
+        if [ "$left" -gt 120 ]; then
+            step ablate "$left" python3 -m zebra.cli ablate configs/ablations-smollm2.yaml --out /tmp/ablations \
+                --time-limit $(( left - 100 ))
+        else
+            say "ablate: skipped, ${left}s left before the deadline"
+        fi ;;
+    esac
+done
+touch /tmp/job.done
+say "job done"
