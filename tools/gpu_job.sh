@@ -2,11 +2,11 @@
 # The long GPU job, started in the background by `tools/gpu_session.sh start` (setsid: it outlives the device
 # call; later calls follow it with `tools/gpu_session.sh wait`). Steps, each logged to /tmp/<step>.log and
 # /tmp/job.log:
-#   smoke    configs/gpu-smoke.yaml: every stage in about a minute; on failure nothing else runs
+#   smoke    configs/gpu-smoke.yaml: every stage in about a minute; on failure nothing else runs (not by default)
 #   bench    zebra bench --what train (SmolLM2 pair and the Llama-3.2-1B shape) -> /tmp/results/train-bench
 #   quality  zebra run configs/smollm2-135m-quality.yaml -> /tmp/quality (lm-eval of teacher and student inside)
 #   ablate   zebra ablate configs/ablations-smollm2.yaml -> /tmp/ablations, until JOB_DEADLINE (epoch seconds)
-# JOB_STEPS (default "smoke bench quality ablate") picks steps. /tmp/job.done marks the end.
+# JOB_STEPS (default "bench quality ablate") picks steps. /tmp/job.done marks the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,14 +23,21 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, return its s
     return $rc
 }
 deadline=${JOB_DEADLINE:-$(( $(date +%s) + 1500 ))}
-for s in ${JOB_STEPS:-smoke bench quality ablate}; do
+for s in ${JOB_STEPS:-bench quality ablate}; do
     case $s in
     smoke)
         step smoke 420 python3 -m zebra.cli run configs/gpu-smoke.yaml --out /tmp/smoke \
             || { say "SMOKE FAILED: nothing else runs"; tail -40 /tmp/smoke.log >> /tmp/job.log; break; } ;;
     bench)
-        step bench 420 python3 -m zebra.cli bench --what train --shapes smollm2,1b --train-variants fast,fla \
-            --steps 6 --warmup 3 --out "$R/train-bench" ;;
+        step bench 300 python3 -m zebra.cli bench --what train --shapes smollm2,1b --train-variants fast,fla \
+            --steps 5 --warmup 2 --out "$R/train-bench"
+        # the compiled path failed (a compiler crash is not a Python error): the runs go on without torch.compile
+        python3 - <<'PY' || { export ZEBRA_COMPILE=0; say "compiled training failed in the bench: ZEBRA_COMPILE=0"; }
+import json, sys
+rows = json.load(open("/tmp/results/train-bench/bench.json"))["train"]
+sys.exit(0 if any(r["variant"] == "fast" and r.get("status") == "ok" for r in rows) else 1)
+PY
+        ;;
     quality)
         step quality 1200 python3 -m zebra.cli run configs/smollm2-135m-quality.yaml --out /tmp/quality ;;
     ablate)

@@ -74,7 +74,8 @@ def find_results(root: Path, skip: Path | None = None) -> dict:
             kind = "bench"
         elif EVAL_FORMAT in _head(path, 256):
             kind = "eval"
-        elif name in ("config.json", "generation_config.json") or name.startswith("tokenizer"):
+        elif name in ("config.json", "generation_config.json", "summary.json", "run_config.json", "run_start.json",
+                      "curve.json", "stages.json", "zebra_convert.json") or name.startswith("tokenizer"):
             continue
         elif '"teacher"' in _head(path) and '"kl"' in _head(path, 1 << 16):
             kind = "agreement"

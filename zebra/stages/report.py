@@ -76,7 +76,7 @@ def render_report(run_dir, cfg: dict | None = None) -> str:
                   f"Total {top['total_seconds']:.0f} s; stages: " + ", ".join(
                       f"{k} {v:.0f} s" for k, v in top["stage_seconds"].items() if v is not None), ""]
         if s["eval"].get("lm_eval"):
-            lines += ["### lm-eval (teacher vs final student)", "", s["eval"]["lm_eval"]["table_markdown"], ""]
+            lines += ["lm-eval of the teacher and the final student: the Accuracy section below (eval/eval.json).", ""]
     init_err = s["init"].get("mixer_rel_err")
     lines += ["## KL to the teacher on held-out chat (per token)", "",
               "| after | KL(teacher‖student) | top-1 agreement | student ppl | teacher ppl |", "|---|---|---|---|---|"]
