@@ -159,6 +159,9 @@ def varlen_causal(q, k, v, cu_seqlens, max_len: int, scale: float):
     -> (n, H, D_v). Works with both spellings of torch's API: `is_causal=` (2.10-2.11) and `window_size=`
     (2.12+); the softmax scale is folded into q where the API has no `scale=`."""
     varlen_attn, params = _varlen_api()
+    if q.dtype not in (torch.float16, torch.bfloat16):  # fp32 RoPE tables promote q / k under autocast
+        half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else torch.bfloat16
+        q, k, v = q.to(half), k.to(half), v.to(half)
     H, G = q.shape[1], k.shape[1]
     if G != H:
         if "enable_gqa" in params:
