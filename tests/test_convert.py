@@ -180,7 +180,7 @@ def test_hybrid_conversion_maps_every_weight(kind, tmp_path, capsys):
     teacher = save_teacher(tmp_path / "t", kind)
     rc, out, err = convert_cli(tmp_path / "t", tmp_path / "s", capsys, "--mla-layers", "0,3",
                                "--attention-layers", "1", "--kv-rank", 64, "--q-rank", 32, "--seed", 5,
-                               "--rope-select", "last", "--conv-init", "random")  # the paper's mapping
+                               "--rope-select", "last", "--conv-init", "random", "--gate-init", "random")  # the paper's
     assert rc == 0, err
     assert "KV cache: 208 values/token vs 256 for the teacher (81.25%)" in out
     s = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
@@ -421,8 +421,9 @@ def test_rope_pairs_by_norm_picks_the_heaviest_pairs():
 
 def test_pair_preserving_rope_init_is_exact_where_the_paper_layout_is_not(tmp_path, capsys):
     """An MQA teacher whose rotary pairs 1, 3, 5, 7 (of 8) carry nothing: with whole pairs (the heaviest ones, at the
-    teacher's frequencies) and full rank, the all-MLA student computes exactly the teacher's function; the paper's
-    'last d_r dims' layout at the same ranks does not (it rotates half-pairs at re-derived frequencies)."""
+    teacher's frequencies: --rope-select norm) and full rank, the all-MLA student computes exactly the teacher's
+    function; the paper's 'last d_r dims' layout at the same ranks does not (it rotates half-pairs at re-derived
+    frequencies)."""
     import transformers
 
     from zebra.model.hybrid import ZebraForCausalLM
@@ -442,16 +443,16 @@ def test_pair_preserving_rope_init_is_exact_where_the_paper_layout_is_not(tmp_pa
     with torch.no_grad():
         ref = teacher(ids).logits
     errs = {}
-    for sel in ("pairs", "last"):
+    for sel in ("norm", "last"):
         rc, out, err = convert_cli(tmp_path / "t", tmp_path / sel, capsys, "--mla-layers", "all", "--kv-rank", 32,
                                    "--rope-dim", 8, "--nope-dim", 8, "--rope-select", sel)
         assert rc == 0, err
         s = ZebraForCausalLM.from_pretrained(tmp_path / sel).eval()
-        if sel == "pairs":
+        if sel == "norm":
             assert s.config.mla_rope_pairs == {"0": [0, 2, 4, 6], "1": [0, 2, 4, 6]}
         with torch.no_grad():
             errs[sel] = ((s(ids).logits - ref).norm() / ref.norm()).item()
-    assert errs["pairs"] < 1e-5
+    assert errs["norm"] < 1e-5
     assert errs["last"] > 1e-2
 
 
@@ -473,3 +474,38 @@ def test_identity_conv_init(tmp_path, capsys):
     torch.testing.assert_close(y, x)
     rand = ZebraForCausalLM.from_pretrained(tmp_path / "random").model.layers[1].mamba.conv1d
     assert rand.weight[:, 0, :-1].abs().sum() > 0 and rand.bias.abs().sum() > 0
+
+
+def test_rope_pairs_by_frequency_picks_the_fastest_pairs():
+    """With default RoPE, inverse frequencies fall with the pair index: the fastest d_r/2 pairs are the first ones;
+    with llama3 scaling the order is the same (slow pairs slowed further)."""
+    from zebra.convert.svd_mla import rope_pairs_by_frequency
+    from zebra.model.common import rope_inv_freq
+
+    assert rope_pairs_by_frequency(rope_inv_freq({"rope_theta": 1e5}, 64), 32) == list(range(16))
+    llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 32.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    assert rope_pairs_by_frequency(rope_inv_freq(llama3, 64), 16) == list(range(8))
+    assert rope_pairs_by_frequency(torch.tensor([0.1, 1.0, 0.5, 0.01]), 4) == [1, 2]
+
+
+def test_constant_gate_init(tmp_path, capsys):
+    """--gate-init constant (default): Mamba2's z rows are zero and z_bias = 1, so the gate silu(z) is the same
+    constant on every channel and token; the gated norm then sees y alone. random keeps the paper's init."""
+    from zebra.model.hybrid import ZebraForCausalLM
+    from zebra.convert.mamba2_init import in_proj_blocks
+
+    save_teacher(tmp_path / "t")
+    rc, _, err = convert_cli(tmp_path / "t", tmp_path / "c", capsys, "--mla-layers", "none")
+    assert rc == 0, err
+    m = ZebraForCausalLM.from_pretrained(tmp_path / "c").model.layers[0].mamba
+    z = in_proj_blocks(4, 2, 16)["z"]
+    assert m.in_proj.weight[z].abs().sum() == 0 and torch.all(m.z_bias == 1.0)
+    h = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        gate = torch.nn.functional.silu(m.in_proj(h)[..., z] + m.z_bias)
+    assert torch.allclose(gate, torch.full_like(gate, torch.nn.functional.silu(torch.tensor(1.0)).item()))
+    rc, _, err = convert_cli(tmp_path / "t", tmp_path / "r", capsys, "--mla-layers", "none", "--gate-init", "random")
+    assert rc == 0, err
+    r = ZebraForCausalLM.from_pretrained(tmp_path / "r").model.layers[0].mamba
+    assert r.z_bias is None and r.in_proj.weight[z].abs().sum() > 0

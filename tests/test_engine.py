@@ -28,6 +28,17 @@ def test_engine_steps_equal_full_forward(layout, prompt_len):
     torch.testing.assert_close(torch.stack(got, 1), full[:, prompt_len - 1:-1], atol=2e-5, rtol=1e-4)
 
 
+def test_engine_with_gate_bias_equals_full_forward():
+    """The engine's Mamba2 step applies the gate bias (mamba_z_bias) like the model's forward."""
+    model = tiny_model(ALL["all-types"], qk_norm=False, mamba_z_bias=True)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        eng = StaticEngine(model, batch_size=2, max_len=16, cuda_graph=False)
+        got = [eng.prefill(ids[:, :3])] + [eng.step(ids[:, t]).clone() for t in range(3, 8)]
+    torch.testing.assert_close(torch.stack(got, 1), full[:, 2:-1], atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("layout", ["all-types", "attention", "mla", "mamba2"])
 def test_static_generate_equals_reference_generate_left_padded(layout):
     """model.generate(cache_implementation="static") == the dynamic-cache generate, on a left-padded batch."""

@@ -35,6 +35,8 @@ def tiny_model(mixers, seed=0, **kw):
             if layer.mixer_type == "mamba2":
                 layer.mamba.dt_bias.normal_(0, 1)
                 layer.mamba.A_log.normal_(0, 0.5)
+                if layer.mamba.z_bias is not None:
+                    layer.mamba.z_bias.normal_(0, 1)
     return model
 
 
@@ -48,6 +50,23 @@ def test_token_by_token_decode_equals_full_forward(layout):
         cache = ZebraCache(model.config)
         steps = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(ids.shape[1])]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_gate_bias_decode_equals_full_forward_and_changes_the_output():
+    """Mamba2 with a gate bias (mamba_z_bias, the constant-gate init): cached decode == full forward, and the bias
+    is actually applied (zeroing it changes the logits)."""
+    model = tiny_model(LAYOUTS["hybrid"], mamba_z_bias=True)
+    ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache = ZebraCache(model.config)
+        pre = model(ids[:, :4], past_key_values=cache).logits
+        steps = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(4, 9)]
+        torch.testing.assert_close(torch.cat([pre] + steps, 1), full, atol=1e-5, rtol=1e-4)
+        for layer in model.model.layers:
+            if layer.mixer_type == "mamba2":
+                layer.mamba.z_bias.zero_()
+        assert not torch.allclose(model(ids, use_cache=False).logits, full, atol=1e-3)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -1,14 +1,15 @@
-"""Initialisation choices compared before any training (SPEC 3.1's RoPE comparison, the Mamba2 conv init): per-layer
-relative error of each initialised mixer's output vs the teacher's attention on held-out chat, and the KL of the
-initialised hybrid. CPU is enough (no training).
+"""Initialisation choices compared before any training (SPEC 3.1's RoPE comparison, the Mamba2 conv and gate
+inits): per-layer relative error and cosine of each initialised mixer's output vs the teacher's attention on
+held-out chat, and the KL of the initialised hybrid. CPU is enough (no training).
 
-    python tools/init_compare.py --out results/init-compare [--seqs 16] [--layers 0,6,11,16,21,26]
+    python tools/init_compare.py --out results/init-compare [--seqs 8] [--layers 0,6,11,16,21,26]
 
-For each MLA RoPE layout ("pairs": whole rotary pairs by norm at the teacher's frequencies; "last": the paper's
-last d_r dims) at r_kv 64 and at full rank (2 * n_kv * d_h = 384, where only the RoPE layout and the shared
-RoPE key remain as error sources), and each Mamba2 conv init ("identity", "random"): mean and per-layer
-||mixer - attention||^2 / ||attention||^2 on the teacher's normalised layer inputs, and KL(teacher || hybrid).
-Writes OUT/init-compare.json and prints a markdown table.
+MLA RoPE layouts: "freq" (the teacher's fastest rotary pairs at the teacher's frequencies), "norm" (the heaviest
+pairs by weight norm, MHA2MLA's criterion), "last" (the paper's last d_r dims, frequencies recomputed over d_r),
+each at r_kv 64 and at full rank (2 * n_kv * d_h = 384, where only the RoPE layout and the shared RoPE key
+remain as error sources). Mamba2: conv init identity / random x gate init constant / random. Per mixer: mean
+over layers of ||mixer - attention||^2 / ||attention||^2 and of the per-token cosine; per hybrid: KL(teacher ||
+hybrid) and top-1 agreement. Writes OUT/init-compare.json and prints markdown tables.
 """
 
 from __future__ import annotations
@@ -43,56 +44,64 @@ def main(argv=None) -> int:
     batch = {"input_ids": ids, "attention_mask": mask}
 
     def per_layer(model):
-        """||mixer(x_l) - attn(x_l)||^2 / ||attn(x_l)||^2 per layer (masked)."""
+        """Per layer: ||mixer(x_l) - attn(x_l)||^2 / ||attn(x_l)||^2 and the mean per-token cosine (masked)."""
         from zebra.stages.ild import _mixer, teacher_layer_targets
         from zebra.stages.losses import _masked_mse
 
         keys = {layer.self_attn.rope_key for layer in model.model.layers if layer.mixer_type == "mla"}
+        keep = mask.bool()
         with torch.no_grad():
             ctx, targets = teacher_layer_targets(teacher, batch, keys)
-            out = []
+            err, cos = [], []
             for layer, (_, x, _, t_mix) in zip(model.model.layers, targets):
                 m = _mixer(layer, x, ctx)
-                out.append((_masked_mse(m, t_mix, mask) / _masked_mse(t_mix, torch.zeros_like(t_mix), mask)).item())
-        return out
+                err.append((_masked_mse(m, t_mix, mask) / _masked_mse(t_mix, torch.zeros_like(t_mix), mask)).item())
+                cos.append(torch.nn.functional.cosine_similarity(m[keep], t_mix[keep], dim=-1).mean().item())
+        return err, cos
 
     rows = []
     t0 = time.time()
-    for rope in ("pairs", "last"):
+    for rope in ("freq", "norm", "last"):
         for rank in (64, 384):
             mla, _, rep = build_student(args.teacher, "all", "none", kv_rank=rank, rope_dim=32, nope_dim=32,
                                         rope_select=rope)
-            errs = per_layer(mla.eval())
+            errs, cos = per_layer(mla.eval())
             rows.append({"mixer": "mla", "rope_select": rope, "kv_rank": rank, "mean_rel_err": sum(errs) / len(errs),
-                         "per_layer": errs, "rope_pairs": rep.get("mla_rope_pairs")})
+                         "mean_cos": sum(cos) / len(cos), "per_layer": errs, "rope_pairs": rep.get("mla_rope_pairs")})
             print(f"mla rope={rope} r_kv={rank}: mean rel err {rows[-1]['mean_rel_err']:.4f}", flush=True)
     for conv in ("identity", "random"):
-        mamba, _, _ = build_student(args.teacher, "none", "none", conv_init=conv)
-        errs = per_layer(mamba.eval())
-        rows.append({"mixer": "mamba2", "conv_init": conv, "mean_rel_err": sum(errs) / len(errs), "per_layer": errs})
-        print(f"mamba2 conv={conv}: mean rel err {rows[-1]['mean_rel_err']:.4f}", flush=True)
+        for gate in ("constant", "random"):
+            mamba, _, _ = build_student(args.teacher, "none", "none", conv_init=conv, gate_init=gate)
+            errs, cos = per_layer(mamba.eval())
+            rows.append({"mixer": "mamba2", "conv_init": conv, "gate_init": gate, "mean_rel_err": sum(errs) / len(errs),
+                         "mean_cos": sum(cos) / len(cos), "per_layer": errs})
+            print(f"mamba2 conv={conv} gate={gate}: mean rel err {rows[-1]['mean_rel_err']:.4f}, "
+                  f"cos {rows[-1]['mean_cos']:.3f}", flush=True)
     hybrids = []
-    for rope in ("pairs", "last"):
-        for conv in ("identity", "random"):
-            mla, _, _ = build_student(args.teacher, "all", "none", kv_rank=64, rope_dim=32, nope_dim=32, rope_select=rope)
-            mamba, _, _ = build_student(args.teacher, "none", "none", conv_init=conv)
-            h = compose(mla, mamba, layers)
-            a = agreement(teacher, h, seqs, batch_size=4)
-            hybrids.append({"rope_select": rope, "conv_init": conv, "layers": layers, "kl": a["kl"],
-                            "top1": a["top1_agreement"]})
-            print(f"hybrid rope={rope} conv={conv}: init KL {a['kl']:.3f}, top-1 {a['top1_agreement']:.3f}", flush=True)
+    for rope, conv, gate in (("freq", "identity", "constant"), ("last", "identity", "constant"),
+                             ("freq", "random", "constant"), ("freq", "identity", "random"),
+                             ("last", "random", "random")):
+        mla, _, _ = build_student(args.teacher, "all", "none", kv_rank=64, rope_dim=32, nope_dim=32, rope_select=rope)
+        mamba, _, _ = build_student(args.teacher, "none", "none", conv_init=conv, gate_init=gate)
+        h = compose(mla, mamba, layers)
+        a = agreement(teacher, h, seqs, batch_size=4)
+        hybrids.append({"rope_select": rope, "conv_init": conv, "gate_init": gate, "layers": layers, "kl": a["kl"],
+                        "top1": a["top1_agreement"]})
+        print(f"hybrid rope={rope} conv={conv} gate={gate}: init KL {a['kl']:.3f}, top-1 {a['top1_agreement']:.3f}",
+              flush=True)
     res = {"teacher": args.teacher, "seqs": len(seqs), "seq_len": args.seq_len, "mixers": rows, "hybrids": hybrids,
            "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "init-compare.json").write_text(json.dumps(res, indent=2) + "\n")
-    print("\n| mixer | setting | r_kv | mean rel. error of the mixer output |\n|---|---|---:|---:|")
+    print("\n| mixer | setting | r_kv | mean rel. squared error | mean cosine |\n|---|---|---:|---:|---:|")
     for r in rows:
-        setting = f"rope {r['rope_select']}" if r["mixer"] == "mla" else f"conv {r['conv_init']}"
-        print(f"| {r['mixer']} | {setting} | {r.get('kv_rank', '-')} | {r['mean_rel_err']:.4f} |")
-    print("\n| RoPE | conv | init KL of the hybrid | top-1 |\n|---|---|---:|---:|")
+        setting = (f"rope {r['rope_select']}" if r["mixer"] == "mla" else
+                   f"conv {r['conv_init']}, gate {r['gate_init']}")
+        print(f"| {r['mixer']} | {setting} | {r.get('kv_rank', '-')} | {r['mean_rel_err']:.4f} | {r['mean_cos']:.3f} |")
+    print("\n| RoPE | conv | gate | init KL of the hybrid | top-1 |\n|---|---|---|---:|---:|")
     for h in hybrids:
-        print(f"| {h['rope_select']} | {h['conv_init']} | {h['kl']:.3f} | {h['top1']:.3f} |")
+        print(f"| {h['rope_select']} | {h['conv_init']} | {h['gate_init']} | {h['kl']:.3f} | {h['top1']:.3f} |")
     return 0
 
 

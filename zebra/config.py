@@ -50,6 +50,7 @@ class ZebraConfig(PretrainedConfig):
         mamba_dt_min: float = 0.001,
         mamba_dt_max: float = 0.1,
         mamba_dt_init_floor: float = 1e-4,
+        mamba_z_bias: bool = False,
         backend: str = "auto",
         teacher_model_type: str | None = None,
         initializer_range: float = 0.02,
@@ -91,6 +92,7 @@ class ZebraConfig(PretrainedConfig):
         self.mamba_dt_min = mamba_dt_min
         self.mamba_dt_max = mamba_dt_max
         self.mamba_dt_init_floor = mamba_dt_init_floor
+        self.mamba_z_bias = mamba_z_bias  # a learnable bias on the gate z (a constant gate at init, zebra.convert)
         self.backend = backend
         self.teacher_model_type = teacher_model_type
         self.initializer_range = initializer_range

@@ -182,7 +182,8 @@ class Run:
         for kind, mla in (("mla", "all"), ("mamba2", "none")):
             model, tok, report = build_student(self.cfg["base"], mla, "none", kv_rank=s["kv_rank"], q_rank=s["q_rank"],
                                                rope_dim=s["rope_dim"], nope_dim=s["nope_dim"], seed=self.cfg["seed"],
-                                               rope_select=s["rope_select"], conv_init=s["conv_init"])
+                                               rope_select=s["rope_select"], conv_init=s["conv_init"],
+                                               gate_init=s["gate_init"])
             save_model(model, tok, d / kind, report)
             out[kind] = report["kv"]
             models[kind] = model.to(self.device).eval()

@@ -31,8 +31,9 @@ DEFAULTS = {
     "compile": "auto",  # torch.compile the decoder layers while training: auto (= on CUDA), true, false
     "student": {"num_mla": 6, "placement": "smart", "mla_layers": None, "attention_layers": None, "kv_budget": None, "kv_rank": 64,
                 "q_rank": None, "rope_dim": 32, "nope_dim": None,
-                "rope_select": "pairs",  # MLA RoPE from whole rotary pairs by norm ("last": the paper's last d_r dims)
-                "conv_init": "identity"},  # Mamba2 short conv as the identity ("random": Mamba2's default)
+                "rope_select": "freq",  # MLA RoPE: the teacher's fastest rotary pairs ("norm", "last": the paper)
+                "conv_init": "identity",  # Mamba2 short conv as the identity ("random": Mamba2's default)
+                "gate_init": "constant"},  # Mamba2 gate constant at init ("random": Mamba2's default)
     "ild": {"mode": "mixers", "tokens": 1_000_000, "lr": 1e-3, "batch_size": 4, "grad_accum": 1, "seq_len": None,
             "betas": [0.9, 0.95], "warmup_steps": 0, "warmup_frac": 0.01, "schedule": "cosine", "decay_frac": 0.2,
             "ckpt_every": 50, "grad_checkpointing": False, "time_budget_s": 0.0},
@@ -76,9 +77,10 @@ CHOICES = {
     "distill.schedule": ("cosine", "wsd"),
     "distill.loss_on": ("assistant", "all"),
     "distill.token_weighting": ("tokens", "micro"),
-    "student.rope_select": ("pairs", "last"),
+    "student.rope_select": ("freq", "norm", "last"),
     "student.placement": ("smart", "top", "uniform"),
     "student.conv_init": ("identity", "random"),
+    "student.gate_init": ("constant", "random"),
 }
 POSITIVE = ("seq_len", "ild.tokens", "ild.lr", "ild.batch_size", "ild.grad_accum", "distill.tokens", "distill.lr",
             "distill.batch_size", "distill.grad_accum", "dpo.lr", "dpo.batch_size", "student.kv_rank",

@@ -25,13 +25,17 @@ def add_arguments(parser) -> None:
                    help="svd: MLA layers from the teacher's attention by SVD (SPEC 3.1); random: MLA layers keep "
                         "the model's default init (baseline). Mamba2 layers always get the SPEC 3.2 init "
                         "(default: svd)")
-    g.add_argument("--rope-select", choices=("pairs", "last"), default="pairs",
-                   help="MLA's RoPE dims: whole rotary pairs of the teacher's heads chosen by weight norm, at the "
-                        "teacher's frequencies (pairs), or the last d_r dims with frequencies recomputed over d_r, "
-                        "as the paper (last) (default: pairs; RESULTS.md has the comparison)")
+    g.add_argument("--rope-select", choices=("freq", "norm", "last"), default="freq",
+                   help="MLA's RoPE dims: whole rotary pairs of the teacher's heads at the teacher's frequencies, "
+                        "the fastest-turning ones (freq) or the heaviest by weight norm (norm, MHA2MLA), or the last "
+                        "d_r dims with frequencies recomputed over d_r, as the paper (last) (default: freq; RESULTS.md "
+                        "has the comparison)")
     g.add_argument("--conv-init", choices=("identity", "random"), default="identity",
                    help="Mamba2's short conv: the identity (x, B, C start as silu of the teacher's V, K, Q) or "
                         "Mamba2's random default, as the paper (default: identity; RESULTS.md has the comparison)")
+    g.add_argument("--gate-init", choices=("constant", "random"), default="constant",
+                   help="Mamba2's gate z: constant at init (zero z rows + a learnable bias) or Mamba2's random "
+                        "projection, as the paper (default: constant; RESULTS.md has the comparison)")
     g.add_argument("--seed", type=int, default=0, help="seed for the default-initialised parameters (default: 0)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the saved weights (default: float32)")
@@ -44,7 +48,7 @@ def run(args) -> int:
     report = convert(args.teacher, args.out, args.mla_layers, args.attention_layers, kv_rank=args.kv_rank,
                      q_rank=args.q_rank, rope_dim=args.rope_dim, nope_dim=args.nope_dim, init=args.init,
                      seed=args.seed, dtype=args.dtype, drop_qk_norm=args.drop_qk_norm, force=args.force,
-                     rope_select=args.rope_select, conv_init=args.conv_init)
+                     rope_select=args.rope_select, conv_init=args.conv_init, gate_init=args.gate_init)
     types = report["mixer_types"]
     print(f"wrote {args.out}: {types.count('mla')} MLA, {types.count('mamba2')} Mamba2, "
           f"{types.count('attention')} attention layers (init {args.init}, {report['seconds']}s)")

@@ -25,8 +25,15 @@ import torch
 from ..errors import ZebraError
 from . import layout
 from .mamba2_init import DEFAULT_INIT as MAMBA2_DEFAULT_INIT
+from .mamba2_init import GATE_BIAS
 from .mamba2_init import init_mamba2_from_attention
-from .svd_mla import init_mla_from_attention, matrix_rank_error, rope_pairs_by_norm, svd_reconstruction_error
+from .svd_mla import (
+    init_mla_from_attention,
+    matrix_rank_error,
+    rope_pairs_by_frequency,
+    rope_pairs_by_norm,
+    svd_reconstruction_error,
+)
 from .teacher import load_generation_config, load_teacher, load_teacher_config
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,6 +156,9 @@ def map_weights(cfg, state: dict[str, torch.Tensor], student: dict[str, torch.Te
             m = p + "mamba."
             layer_state = {n[len(m):]: t for n, t in student.items() if n.startswith(m)}
             new = init_mamba2_from_attention(layer_state, q_w, k_w, v_w, o_w, n_h, n_kv, d_h, q_b=q_b, k_b=k_b, v_b=v_b)
+            if "z_bias" in layer_state:  # gate_init "constant": zero z rows, positive bias (model config mamba_z_bias)
+                new["in_proj.weight"][: cfg.mamba_d_inner] = 0
+                new["z_bias"] = torch.full_like(layer_state["z_bias"], GATE_BIAS)
             if conv_init == "identity":
                 w = torch.zeros_like(layer_state["conv1d.weight"])
                 w[:, 0, -1] = 1.0  # y_t = x_t: the causal conv's last tap multiplies the current token
@@ -201,8 +211,8 @@ def build_student_config(teacher: str, mla_layers, attention_layers, kv_rank=lay
 
 def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=layout.DEFAULT_KV_RANK, q_rank=None,
             rope_dim=None, nope_dim=None, init: str = "svd", seed: int = 0, dtype: str | torch.dtype = "float32",
-            drop_qk_norm: bool = False, force: bool = False, rope_select: str = "pairs",
-            conv_init: str = "identity") -> dict:
+            drop_qk_norm: bool = False, force: bool = False, rope_select: str = "freq",
+            conv_init: str = "identity", gate_init: str = "constant") -> dict:
     """Convert `teacher` into a hybrid student saved at `out_dir`; returns the report written to zebra_convert.json."""
     torch_dtype = DTYPES.get(dtype) if isinstance(dtype, str) else dtype
     if torch_dtype is None:
@@ -211,7 +221,7 @@ def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=la
     check_out_dir(out, force, teacher)
     t0 = time.time()
     model, tokenizer, report = build_student(teacher, mla_layers, attention_layers, kv_rank, q_rank, rope_dim,
-                                             nope_dim, init, seed, drop_qk_norm, rope_select, conv_init)
+                                             nope_dim, init, seed, drop_qk_norm, rope_select, conv_init, gate_init)
     report["flags"]["dtype"] = str(torch_dtype).replace("torch.", "")
     model = model.to(torch_dtype)
     gen = load_generation_config(teacher)
@@ -222,36 +232,49 @@ def convert(teacher: str, out_dir, mla_layers, attention_layers=None, kv_rank=la
     return report
 
 
-ROPE_SELECT = ("pairs", "last")
+ROPE_SELECT = ("freq", "norm", "last")
 CONV_INIT = ("identity", "random")
+GATE_INIT = ("constant", "random")
 
 
 def build_student(teacher: str, mla_layers, attention_layers=None, kv_rank=layout.DEFAULT_KV_RANK, q_rank=None,
                   rope_dim=None, nope_dim=None, init: str = "svd", seed: int = 0, drop_qk_norm: bool = False,
-                  rope_select: str = "pairs", conv_init: str = "identity"):
+                  rope_select: str = "freq", conv_init: str = "identity", gate_init: str = "constant"):
     """The initialised student in memory (fp32): (ZebraForCausalLM, tokenizer, report dict).
 
-    rope_select: MLA's decoupled RoPE dims from whole rotary pairs of the teacher's heads chosen by norm, at the
-    teacher's frequencies ("pairs", zebra.convert.svd_mla.rope_pairs_by_norm) or the last d_r dims with
-    frequencies recomputed over d_r ("last", the paper). conv_init: see map_weights."""
+    rope_select: MLA's decoupled RoPE dims as whole rotary pairs of the teacher's heads at the teacher's
+    frequencies, the fastest-turning ones ("freq", svd_mla.rope_pairs_by_frequency) or the heaviest by weight norm
+    ("norm", svd_mla.rope_pairs_by_norm, MHA2MLA's criterion); or the last d_r dims with frequencies recomputed
+    over d_r ("last", the paper). conv_init: see map_weights. gate_init: Mamba2's gate z starts constant (W_z = 0
+    plus a learnable bias, "constant") or as Mamba2's random projection ("random", the paper); a random gate
+    multiplies every channel by a random factor and leaves the initialised mixer's output uncorrelated with the
+    teacher's attention output (results/init-compare)."""
     if init not in ("svd", "random"):
         raise ZebraError(f"--init must be 'svd' or 'random', got {init!r}")
     if rope_select not in ROPE_SELECT:
         raise ZebraError(f"--rope-select must be one of {', '.join(ROPE_SELECT)}, got {rope_select!r}")
     if conv_init not in CONV_INIT:
         raise ZebraError(f"--conv-init must be one of {', '.join(CONV_INIT)}, got {conv_init!r}")
+    if gate_init not in GATE_INIT:
+        raise ZebraError(f"--gate-init must be one of {', '.join(GATE_INIT)}, got {gate_init!r}")
     _, cfg = build_student_config(teacher, mla_layers, attention_layers, kv_rank, q_rank, rope_dim, nope_dim,
                                   drop_qk_norm)
 
     tcfg, state, tokenizer = load_teacher(teacher)
     check_teacher_tensors(cfg, state)
-    if rope_select == "pairs" and init == "svd":
-        n_h, n_kv, d_h = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        cfg.mla_rope_pairs = {
-            str(i): rope_pairs_by_norm(state[f"model.layers.{i}.self_attn.q_proj.weight"],
-                                       state[f"model.layers.{i}.self_attn.k_proj.weight"], n_h, n_kv, d_h,
-                                       cfg.qk_rope_head_dim)
-            for i, t in enumerate(cfg.mixer_types) if t == "mla"} or None
+    cfg.mamba_z_bias = gate_init == "constant" and "mamba2" in cfg.mixer_types
+    if rope_select != "last" and init == "svd":
+        from ..model.common import rope_inv_freq
+
+        n_h, n_kv, d_h, d_r = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.qk_rope_head_dim
+        inv_freq = rope_inv_freq(cfg.rope_config, d_h)
+
+        def pairs(i):
+            if rope_select == "freq":
+                return rope_pairs_by_frequency(inv_freq, d_r)
+            return rope_pairs_by_norm(state[f"model.layers.{i}.self_attn.q_proj.weight"],
+                                      state[f"model.layers.{i}.self_attn.k_proj.weight"], n_h, n_kv, d_h, d_r)
+        cfg.mla_rope_pairs = {str(i): pairs(i) for i, t in enumerate(cfg.mixer_types) if t == "mla"} or None
 
     from ..model.hybrid import ZebraForCausalLM  # heavy import, only once the cheap checks passed
 
@@ -277,7 +300,7 @@ def build_student(teacher: str, mla_layers, attention_layers=None, kv_rank=layou
         "flags": {"mla_layers": idx("mla"), "attention_layers": idx("attention"), "kv_rank": cfg.kv_lora_rank,
                   "q_rank": cfg.q_lora_rank, "rope_dim": cfg.qk_rope_head_dim, "nope_dim": cfg.qk_nope_head_dim,
                   "init": init, "seed": seed, "drop_qk_norm": drop_qk_norm, "rope_select": rope_select,
-                  "conv_init": conv_init},
+                  "conv_init": conv_init, "gate_init": gate_init},
         "mla_rope_pairs": cfg.mla_rope_pairs,
         "mixer_types": list(cfg.mixer_types),
         "mamba2_layers": idx("mamba2"),

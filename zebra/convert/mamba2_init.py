@@ -13,6 +13,7 @@ import torch
 
 # Parameters of a Mamba2 layer that keep their default init (relative to the layer's `mamba` module).
 DEFAULT_INIT = ("conv1d.weight", "conv1d.bias", "dt_bias", "A_log", "D", "norm.weight")
+GATE_BIAS = 1.0  # gate_init "constant": z = 0 * h + 1, silu(1) on every channel (the per-token norm removes the scale)
 
 
 def in_proj_blocks(n_h: int, n_kv: int, d_h: int) -> dict[str, slice]:

@@ -227,6 +227,8 @@ class StaticEngine:
     def _mamba2(self, m, x, c):
         B = self.B
         z, xBC, dt = m.in_proj(x[:, 0]).split([m.d_inner, m.conv_dim, m.n_heads], dim=-1)
+        if m.z_bias is not None:
+            z = z + m.z_bias
         y = dispatch.mamba2_step(xBC, c["conv"], self.pos, m.conv1d.weight[:, 0], m.conv1d.bias, dt, m.dt_bias,
                                  m.A_log, m.D, c["ssm"], m.n_kv, m.headdim, m.d_state)  # (B, H, P) fp32, D skip in
         y = y.to(x.dtype).reshape(B, 1, m.d_inner)

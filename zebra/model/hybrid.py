@@ -88,6 +88,8 @@ class ZebraPreTrainedModel(PreTrainedModel):
             _copy(module.conv1d.weight, w)
             bound = 1 / math.sqrt(module.d_conv)  # fan_in of a depthwise conv = kernel size
             _copy(module.conv1d.bias, torch.empty(module.conv_dim).uniform_(-bound, bound))
+            if module.z_bias is not None:
+                _copy(module.z_bias, torch.zeros(module.d_inner))
 
 
 def _copy(param, value):

@@ -44,6 +44,9 @@ class Mamba2(nn.Module):
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.empty(self.n_heads))
         self.norm = GatedRMSNorm(self.d_inner, eps=config.rms_norm_eps)
+        # z = W_z h + z_bias: with W_z = 0 and a positive bias the gate starts constant (zebra.convert.build:
+        # gate_init "constant"), so the attention-derived x / B / C are not scrambled by a random gate
+        self.z_bias = nn.Parameter(torch.zeros(self.d_inner)) if getattr(config, "mamba_z_bias", False) else None
         self.out_proj = nn.Linear(self.d_inner, d, bias=False)
         self.reset_ssm_parameters()
 
@@ -66,6 +69,8 @@ class Mamba2(nn.Module):
         Bsz, T, _ = h.shape
         H, P, N, rep = self.n_heads, self.headdim, self.d_state, self.n_heads // self.n_kv
         z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, H], dim=-1)
+        if self.z_bias is not None:
+            z = z + self.z_bias
         if token_mask is not None:
             xBC = xBC * token_mask[..., None].to(xBC.dtype)
         conv_state = cache.get(self.layer_idx, "conv") if cache is not None else None

@@ -40,6 +40,7 @@ def compose(mla_model, mamba_model, mla_layers: list[int], attention_model=None,
     cfg = copy.deepcopy(mamba_model.config)
     for key in ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "mla_rope_pairs"):
         setattr(cfg, key, getattr(mla_model.config, key))
+    cfg.mamba_z_bias = getattr(mamba_model.config, "mamba_z_bias", False)
     cfg.mixer_types = ["mla" if i in chosen else "attention" if i in kept else "mamba2" for i in range(L)]
     if cfg.mla_rope_pairs:
         cfg.mla_rope_pairs = {k: v for k, v in cfg.mla_rope_pairs.items() if int(k) in chosen} or None

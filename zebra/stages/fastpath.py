@@ -30,7 +30,17 @@ def want_compile(setting, device: torch.device) -> bool:
 
 
 def compile_layers(model, mixers_only: bool = False) -> int:
-    """torch.compile every decoder layer (or only its mixer) of a ZebraForCausalLM in place; returns the count."""
+    """torch.compile every decoder layer (or only its mixer) of a ZebraForCausalLM in place; returns the count.
+    The layers share one compiled graph per variant (mixer kind, MLA RoPE pairs, grad mode), so dynamo's
+    per-function cache must hold more than its default 8 variants, or later layers silently run eagerly."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+    for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(512, getattr(torch._dynamo.config, name)))
     n = 0
     for layer in model.model.layers:
         (layer.mixer if mixers_only else layer).compile(dynamic=False)

@@ -157,7 +157,7 @@ class Trainer:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         tokens_per_step = stream.tokens_per_batch * cfg.grad_accum * self.world
         self.total_steps = self._token_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
-        self.warmup = min(self.total_steps, max(1, cfg.warmup_steps, round(cfg.warmup_frac * self.total_steps)))
+        self.warmup = self._warmup_for(self.total_steps)
         cuda = device.type == "cuda"
         if cuda:  # fp32 matmuls that stay fp32 under autocast (the SSD scan) may use TF32
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -175,6 +175,12 @@ class Trainer:
                          else torch.autocast(device.type, enabled=False))
         # Test hook: stop (as if killed) after this many optimizer steps in this process.
         self._stop_after = int(os.environ.get("ZEBRA_STOP_AFTER_STEPS", "0") or 0)
+
+    def _warmup_for(self, total: int) -> int:
+        """max(warmup_steps, warmup_frac * total), but at most a quarter of the run: a run cut short (a small
+        budget, or a time budget on a slow machine) must still reach its peak LR and decay."""
+        cfg = self.cfg
+        return max(1, min(max(cfg.warmup_steps, round(cfg.warmup_frac * total)), total // 4))
 
     # ---- checkpoints ---------------------------------------------------------------------------------
     def _elapsed(self) -> float:
@@ -255,7 +261,7 @@ class Trainer:
         total = max(self.step + 1, min(self._token_steps, fit))
         if total != self.total_steps:
             self.total_steps = total
-            self.warmup = min(self.warmup, total)
+            self.warmup = self._warmup_for(total)
             self._log({"event": "budget", "step": self.step, "total_steps": total, "sec_per_step": per_step})
         if self.step >= 0.75 * self.total_steps:
             self.budget_frozen = True
