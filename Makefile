@@ -2,6 +2,7 @@
 #
 #   make install   create .venv, install torch (CPU build) + zebra[test], fetch the offline assets
 #   make test      the fast CPU test suite (pytest -q)
+#   make test-compat  model + generation tests under the oldest supported transformers (own venv .venv-compat)
 #   make demo      the embedded end-to-end demo (`zebra demo`)
 #   make clean     remove .venv and build / test leftovers (the asset cache stays, see zebra/assets.py)
 #
@@ -16,7 +17,10 @@ ZEBRA := $(VENV)/bin/zebra
 STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo fetch clean clean-cache
+OLDEST_TRANSFORMERS ?= 5.17.0
+COMPAT := .venv-compat
+
+.PHONY: install test test-compat demo fetch clean clean-cache
 
 install: $(STAMP)
 
@@ -30,6 +34,16 @@ $(STAMP): pyproject.toml
 test: install
 	$(PY) -m pytest -q
 
+# The model and generation tests again under the oldest supported transformers, in their own venv (CI runs both).
+test-compat:
+	test -x $(COMPAT)/bin/python || $(PYTHON) -m venv $(COMPAT)
+	$(COMPAT)/bin/python -m pip install -q '$(TORCH_SPEC)'
+	$(COMPAT)/bin/python -m pip install -q 'transformers==$(OLDEST_TRANSFORMERS)' safetensors accelerate gguf pyyaml \
+		tqdm numpy matplotlib pytest pytest-timeout
+	$(COMPAT)/bin/python -m pip install -q --no-deps -e .
+	$(COMPAT)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_engine.py tests/test_parity.py
+
 demo: install
 	$(ZEBRA) demo
 
@@ -37,7 +51,7 @@ fetch: install
 	$(ZEBRA) assets fetch
 
 clean:
-	rm -rf $(VENV) .pytest_cache build dist *.egg-info
+	rm -rf $(VENV) $(COMPAT) .pytest_cache build dist *.egg-info
 	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
 
 # Removes the downloaded wheels, unpacked data and converted teacher ($ZEBRA_CACHE or ~/.cache/zebra).

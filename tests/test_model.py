@@ -270,3 +270,30 @@ def test_ssd_chunked_gradients_equal_naive_with_documents():
     for a, b in zip(*grads):
         assert torch.isfinite(b).all()
         torch.testing.assert_close(b, a, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_generate_feeds_one_new_token_per_step(layout):
+    """transformers' own generate on a Zebra model is linear: the prompt once, then exactly one token per step,
+    whatever name the installed transformers gives the cache (`past_key_values` up to 5.2x, `cache` after); the
+    tokens equal greedy decoding from full forwards (which is what a generate re-feeding everything would give)."""
+    model = tiny_model(LAYOUTS[layout])
+    fed = []
+    real = model.forward
+
+    def spy(*args, **kwargs):
+        fed.append(kwargs["input_ids"].shape[1] if kwargs.get("input_ids") is not None else None)
+        return real(*args, **kwargs)
+
+    model.forward = spy
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)
+    assert fed == [5] + [1] * 5
+    model.forward = real
+    seq = ids
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
+    assert torch.equal(out, seq)

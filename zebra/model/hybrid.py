@@ -26,6 +26,10 @@ from .common import MLP, RMSNorm, Rotary, attention_bias, doc_segments, rope_inv
 from .mamba2 import Mamba2
 from .mla import MLA
 
+# the output field that carries the cache: `past_key_values` up to transformers 5.2x, `cache` after (the old name
+# still works there, with a deprecation warning on every generate)
+_CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 try:  # transformers >= 5: init functions that skip tensors already loaded from a checkpoint
     from transformers import initialization as hf_init
 except ImportError:  # pragma: no cover
@@ -201,6 +205,8 @@ class ZebraModel(ZebraPreTrainedModel):
         doc_ids=None,
         **kwargs,
     ):
+        if past_key_values is None:  # newer transformers pass the cache as `cache`
+            past_key_values = kwargs.pop("cache", None)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -226,7 +232,7 @@ class ZebraModel(ZebraPreTrainedModel):
         h = self.norm(h)
         if hidden is not None:
             hidden[-1] = h  # as transformers: the last entry is after the final norm
-        return BaseModelOutputWithPast(last_hidden_state=h, past_key_values=cache,
+        return BaseModelOutputWithPast(last_hidden_state=h, **{_CACHE_FIELD: cache},
                                        hidden_states=tuple(hidden) if hidden is not None else None)
 
 
@@ -271,6 +277,8 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         doc_ids=None,
         **kwargs,
     ):
+        if past_key_values is None:  # newer transformers pass the cache as `cache`
+            past_key_values = kwargs.pop("cache", None)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, doc_ids=doc_ids)
@@ -281,7 +289,7 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
                                       hidden_states=out.hidden_states)
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
@@ -299,6 +307,9 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
                                       inputs_embeds=None, use_cache=True, **kwargs):
         # Our own, so generate's cache handling (which changes between transformers versions) never
         # touches the hybrid cache: make one on the first step, then feed only the uncached tokens.
+        # transformers < 5.2x threads the cache as `past_key_values`, newer ones as `cache`: take either.
+        if past_key_values is None:
+            past_key_values = kwargs.pop("cache", None)
         if not isinstance(past_key_values, ZebraCache):
             past_key_values = ZebraCache(self.config) if use_cache else None
         past = past_key_values.seen_tokens if past_key_values is not None else 0
