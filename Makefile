@@ -42,7 +42,7 @@ test-compat:
 		tqdm numpy matplotlib pytest pytest-timeout
 	$(COMPAT)/bin/python -m pip install -q --no-deps -e .
 	$(COMPAT)/bin/python -c "import transformers; assert transformers.__version__ == '$(OLDEST_TRANSFORMERS)', transformers.__version__"
-	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_engine.py tests/test_parity.py
+	$(COMPAT)/bin/python -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_engine.py tests/test_parity.py tests/test_standalone.py
 
 demo: install
 	$(ZEBRA) demo

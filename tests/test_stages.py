@@ -163,3 +163,42 @@ def test_distillation_lowers_kl(tmp_path):
     tr.fit()
     losses = losses_of(tmp_path, "distill")
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+
+
+def test_mamba2_norm_calibration_is_the_least_squares_scale():
+    """calibrate_mamba2_norms sets norm.weight so that w * y (y: the normalised signal) is the per-channel least-
+    squares fit of the teacher's attention output before o_proj: the calibrated weights solve the normal
+    equations, and the mixer output's error against the teacher's attention output drops."""
+    from zebra.convert.calibrate import calibrate_mamba2_norms
+    from zebra.stages.ild import _mixer, teacher_layer_targets
+
+    hf = hf_teacher()
+    teacher = zebra_from(hf, attention=range(3))
+    student = zebra_from(hf)
+    batches = [next(iter(Batches(n=2)))]
+
+    def errors():
+        ctx, targets = teacher_layer_targets(teacher, batches[0])
+        with torch.no_grad():
+            return [((_mixer(layer, x, ctx) - t) ** 2).mean().item()
+                    for layer, (_, x, _, t) in zip(student.model.layers, targets)]
+
+    before = errors()
+    res = calibrate_mamba2_norms(teacher, student, batches)
+    after = errors()
+    assert res["layers"] == [0, 1, 2] and res["tokens"] == batches[0]["input_ids"].numel()
+    assert sum(after) < sum(before)
+    # normal equations of layer 1: sum_t (o_c - w_c y_c) y_c = 0 for every channel
+    cap = {}
+    t_attn, s_norm = teacher.model.layers[1].self_attn.o_proj, student.model.layers[1].mamba.norm
+    h1 = t_attn.register_forward_hook(lambda m, a, o: cap.__setitem__("o", a[0]))
+    w = s_norm.weight.detach().clone()
+    with torch.no_grad():
+        s_norm.weight.fill_(1.0)
+        h2 = s_norm.register_forward_hook(lambda m, a, o: cap.__setitem__("y", o))
+        ctx, targets = teacher_layer_targets(teacher, batches[0])
+        student.model.layers[1].mamba(targets[1][1], None, None, batches[0]["doc_ids"])
+    h1.remove(), h2.remove()
+    o, y = cap["o"].reshape(-1, w.numel()), cap["y"].reshape(-1, w.numel())
+    grad = ((o - w * y) * y).sum(0)
+    assert grad.abs().max() < 1e-3 * (y * y).sum(0).max()

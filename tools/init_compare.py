@@ -7,7 +7,8 @@ held-out chat, and the KL of the initialised hybrid. CPU is enough (no training)
 MLA RoPE layouts: "freq" (the teacher's fastest rotary pairs at the teacher's frequencies), "norm" (the heaviest
 pairs by weight norm, MHA2MLA's criterion), "last" (the paper's last d_r dims, frequencies recomputed over d_r),
 each at r_kv 64 and at full rank (2 * n_kv * d_h = 384, where only the RoPE layout and the shared RoPE key
-remain as error sources). Mamba2: conv init identity / random x gate init constant / random. Per mixer: mean
+remain as error sources). Mamba2: conv init identity / random x gate init constant / random, with and without the
+output-scale calibration on 64k tokens of the ILD share (zebra.convert.calibrate). Per mixer: mean
 over layers of ||mixer - attention||^2 / ||attention||^2 and of the per-token cosine; per hybrid: KL(teacher ||
 hybrid) and top-1 agreement. Writes OUT/init-compare.json and prints markdown tables.
 """
@@ -69,26 +70,38 @@ def main(argv=None) -> int:
             rows.append({"mixer": "mla", "rope_select": rope, "kv_rank": rank, "mean_rel_err": sum(errs) / len(errs),
                          "mean_cos": sum(cos) / len(cos), "per_layer": errs, "rope_pairs": rep.get("mla_rope_pairs")})
             print(f"mla rope={rope} r_kv={rank}: mean rel err {rows[-1]['mean_rel_err']:.4f}", flush=True)
-    for conv in ("identity", "random"):
-        for gate in ("constant", "random"):
-            mamba, _, _ = build_student(args.teacher, "none", "none", conv_init=conv, gate_init=gate)
-            errs, cos = per_layer(mamba.eval())
-            rows.append({"mixer": "mamba2", "conv_init": conv, "gate_init": gate, "mean_rel_err": sum(errs) / len(errs),
-                         "mean_cos": sum(cos) / len(cos), "per_layer": errs})
-            print(f"mamba2 conv={conv} gate={gate}: mean rel err {rows[-1]['mean_rel_err']:.4f}, "
-                  f"cos {rows[-1]['mean_cos']:.3f}", flush=True)
+    from zebra.assets import cache_dir
+    from zebra.convert.calibrate import calibrate_mamba2_norms
+    from zebra.data.packing import build_dataset
+
+    calib = list(build_dataset(tok, ["sharegpt"], seq_len=512, split="ild", max_tokens=65536, batch_size=8,
+                               cache_dir=cache_dir() / "tokenized"))  # training (ILD-share) text, not held-out
+
+    def mamba2(conv, gate, calibrated):
+        m, _, _ = build_student(args.teacher, "none", "none", conv_init=conv, gate_init=gate)
+        if calibrated:
+            calibrate_mamba2_norms(teacher, m.eval(), calib)
+        return m.eval()
+
+    for conv, gate, cal in (("identity", "constant", True), ("identity", "constant", False),
+                            ("identity", "random", False), ("random", "constant", False),
+                            ("random", "random", False), ("random", "random", True)):
+        errs, cos = per_layer(mamba2(conv, gate, cal))
+        rows.append({"mixer": "mamba2", "conv_init": conv, "gate_init": gate, "calibrated": cal,
+                     "mean_rel_err": sum(errs) / len(errs), "mean_cos": sum(cos) / len(cos), "per_layer": errs})
+        print(f"mamba2 conv={conv} gate={gate} calibrated={cal}: mean rel err {rows[-1]['mean_rel_err']:.4f}, "
+              f"cos {rows[-1]['mean_cos']:.3f}", flush=True)
     hybrids = []
-    for rope, conv, gate in (("freq", "identity", "constant"), ("last", "identity", "constant"),
-                             ("freq", "random", "constant"), ("freq", "identity", "random"),
-                             ("last", "random", "random")):
+    for rope, conv, gate, cal in (("freq", "identity", "constant", True), ("freq", "identity", "constant", False),
+                                  ("last", "identity", "constant", True), ("freq", "random", "constant", True),
+                                  ("freq", "identity", "random", True), ("last", "random", "random", False)):
         mla, _, _ = build_student(args.teacher, "all", "none", kv_rank=64, rope_dim=32, nope_dim=32, rope_select=rope)
-        mamba, _, _ = build_student(args.teacher, "none", "none", conv_init=conv, gate_init=gate)
-        h = compose(mla, mamba, layers)
+        h = compose(mla, mamba2(conv, gate, cal), layers)
         a = agreement(teacher, h, seqs, batch_size=4)
-        hybrids.append({"rope_select": rope, "conv_init": conv, "gate_init": gate, "layers": layers, "kl": a["kl"],
-                        "top1": a["top1_agreement"]})
-        print(f"hybrid rope={rope} conv={conv} gate={gate}: init KL {a['kl']:.3f}, top-1 {a['top1_agreement']:.3f}",
-              flush=True)
+        hybrids.append({"rope_select": rope, "conv_init": conv, "gate_init": gate, "calibrated": cal, "layers": layers,
+                        "kl": a["kl"], "top1": a["top1_agreement"]})
+        print(f"hybrid rope={rope} conv={conv} gate={gate} calibrated={cal}: init KL {a['kl']:.3f}, "
+              f"top-1 {a['top1_agreement']:.3f}", flush=True)
     res = {"teacher": args.teacher, "seqs": len(seqs), "seq_len": args.seq_len, "mixers": rows, "hybrids": hybrids,
            "seconds": round(time.time() - t0, 1), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
     out = Path(args.out)
@@ -97,11 +110,12 @@ def main(argv=None) -> int:
     print("\n| mixer | setting | r_kv | mean rel. squared error | mean cosine |\n|---|---|---:|---:|---:|")
     for r in rows:
         setting = (f"rope {r['rope_select']}" if r["mixer"] == "mla" else
-                   f"conv {r['conv_init']}, gate {r['gate_init']}")
+                   f"conv {r['conv_init']}, gate {r['gate_init']}" + (", calibrated" if r["calibrated"] else ""))
         print(f"| {r['mixer']} | {setting} | {r.get('kv_rank', '-')} | {r['mean_rel_err']:.4f} | {r['mean_cos']:.3f} |")
-    print("\n| RoPE | conv | gate | init KL of the hybrid | top-1 |\n|---|---|---|---:|---:|")
+    print("\n| RoPE | conv | gate | calibrated | init KL of the hybrid | top-1 |\n|---|---|---|---|---:|---:|")
     for h in hybrids:
-        print(f"| {h['rope_select']} | {h['conv_init']} | {h['gate_init']} | {h['kl']:.3f} | {h['top1']:.3f} |")
+        print(f"| {h['rope_select']} | {h['conv_init']} | {h['gate_init']} | {h['calibrated']} | {h['kl']:.3f} | "
+              f"{h['top1']:.3f} |")
     return 0
 
 

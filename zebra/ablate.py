@@ -31,7 +31,8 @@ from .errors import ZebraError
 # the config keys each stage reads (besides its predecessor's outputs)
 STAGE_KEYS = {
     "init": ["base", "seed", "student.kv_rank", "student.q_rank", "student.rope_dim", "student.nope_dim",
-             "student.rope_select", "student.conv_init", "student.gate_init"],
+             "student.rope_select", "student.conv_init", "student.gate_init", "student.calibrate_tokens", "data",
+             "ild_fraction"],
     "ild": ["ild", "data", "seq_len", "ild_fraction"],
     "sensitivity": ["sensitivity"],
     "smart": ["student.num_mla", "student.placement", "student.mla_layers", "student.attention_layers",

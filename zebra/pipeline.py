@@ -184,9 +184,15 @@ class Run:
                                                rope_dim=s["rope_dim"], nope_dim=s["nope_dim"], seed=self.cfg["seed"],
                                                rope_select=s["rope_select"], conv_init=s["conv_init"],
                                                gate_init=s["gate_init"])
+            models[kind] = model.to(self.device).eval()
+            if kind == "mamba2" and s["calibrate_tokens"]:
+                from .convert.calibrate import calibrate_mamba2_norms
+
+                stream = self.stream("ild", {"tokens": s["calibrate_tokens"], "batch_size": 8, "seq_len": 512})
+                batches = [{k: v.to(self.device) for k, v in b.items()} for b in stream]
+                report["calibration"] = calibrate_mamba2_norms(self.eval_teacher(), model, batches)
             save_model(model, tok, d / kind, report)
             out[kind] = report["kv"]
-            models[kind] = model.to(self.device).eval()
         # the per-layer attention-output error of the initialised mixers on held-out chat (SPEC 3.1's comparison)
         from .eval.agreement import pad_batch
 

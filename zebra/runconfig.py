@@ -33,7 +33,8 @@ DEFAULTS = {
                 "q_rank": None, "rope_dim": 32, "nope_dim": None,
                 "rope_select": "freq",  # MLA RoPE: the teacher's fastest rotary pairs ("norm", "last": the paper)
                 "conv_init": "identity",  # Mamba2 short conv as the identity ("random": Mamba2's default)
-                "gate_init": "constant"},  # Mamba2 gate constant at init ("random": Mamba2's default)
+                "gate_init": "constant",  # Mamba2 gate constant at init ("random": Mamba2's default)
+                "calibrate_tokens": 65536},  # ILD-share tokens that set Mamba2's output scale at init (0: off)
     "ild": {"mode": "mixers", "tokens": 1_000_000, "lr": 1e-3, "batch_size": 4, "grad_accum": 1, "seq_len": None,
             "betas": [0.9, 0.95], "warmup_steps": 0, "warmup_frac": 0.01, "schedule": "cosine", "decay_frac": 0.2,
             "ckpt_every": 50, "grad_checkpointing": False, "time_budget_s": 0.0},

@@ -353,6 +353,10 @@ def _save_atomically(out: Path, force: bool, model, tokenizer, report: dict) -> 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        if getattr(model.config, "model_type", None) == "zebra":  # the modeling code travels with the weights
+            from ..model.bundle import write_bundle
+
+            model.config.auto_map = write_bundle(tmp)
         with _quiet_progress():
             model.save_pretrained(str(tmp))
         if tokenizer is not None:
