@@ -158,8 +158,7 @@ def test_all_attention_student_matches_teacher(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     teacher = save_teacher(tmp_path / "t", "qwen2", tie=True)
-    rc, out, err = convert_cli(tmp_path / "t", tmp_path / "s", capsys,
-                               "--mla-layers", "none", "--attention-layers", "all")
+    rc, out, err = convert_cli(tmp_path / "t", tmp_path / "s", capsys, "--attention-layers", "all")  # no --mla-layers
     assert rc == 0, err
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
     x = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -509,3 +508,9 @@ def test_constant_gate_init(tmp_path, capsys):
     assert rc == 0, err
     r = ZebraForCausalLM.from_pretrained(tmp_path / "r").model.layers[0].mamba
     assert r.z_bias is None and r.in_proj.weight[z].abs().sum() > 0
+
+
+def test_mla_layers_required_without_attention_layers(tmp_path, capsys):
+    save_teacher(tmp_path / "t")
+    rc, out, err = convert_cli(tmp_path / "t", tmp_path / "s", capsys)
+    assert rc == 2 and "--mla-layers is required" in err and not (tmp_path / "s").exists()

@@ -124,7 +124,7 @@ def test_cli_end_to_end_on_a_tiny_student(tmp_path, teacher_tokenizer):
 
 def test_partition_balances_by_requests():
     """The largest task goes alone, the small ones share the other workers; order within a worker is kept."""
-    from zebra.commands.eval import partition
+    from zebra.eval.harness import partition
 
     counts = {"arc_easy": 2280, "mmlu": 56168, "piqa": 3676, "hellaswag": 40168, "winogrande": 2534}
     parts = partition(counts, 3)
@@ -153,7 +153,7 @@ def test_jobs_2_gives_the_numbers_of_jobs_1(tmp_path, teacher_dir, capsys):
 def test_worker_error_names_the_task(tmp_path, teacher_dir, olmo_datasets_dir):
     """A failure inside a worker comes back as a ZebraError naming the model and the task (here: ARC-E's data is
     missing), without waiting for the other worker (PIQA, whose data is there)."""
-    from zebra.commands.eval import evaluate_models
+    from zebra.eval.harness import evaluate_models
 
     (tmp_path / "piqa").symlink_to(olmo_datasets_dir / "piqa")
     with pytest.raises(ZebraError, match=r"evaluating arc_easy failed in a worker process: no offline data for arc_easy"):

@@ -451,7 +451,7 @@ class Run:
     def _lm_eval(self, student_path: Path, d: Path) -> dict:
         """lm-eval of teacher and student -> eval/eval.json (the `zebra eval --json` format, teacher first, % of the
         teacher). The teacher's scores come from the background run when one was started."""
-        from .commands.eval import evaluate_models
+        from .eval.harness import evaluate_models
         from .eval.table import markdown_table, stderr_table, summarize
 
         e = self.cfg["eval"]

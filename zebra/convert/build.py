@@ -202,8 +202,13 @@ def build_student_config(teacher: str, mla_layers, attention_layers, kv_rank=lay
     L = tcfg.get("num_hidden_layers")
     if not isinstance(L, int) or L <= 0:
         raise ZebraError(f"teacher config has no valid num_hidden_layers (got {L!r})")
-    mla = _as_indices(mla_layers, L, "--mla-layers")
     attn = _as_indices(attention_layers, L, "--attention-layers")
+    if mla_layers is None:
+        if not attn:
+            raise ZebraError("--mla-layers is required (layers to make MLA: indices, 'all' or 'none'; every other "
+                             "layer not in --attention-layers becomes Mamba2)")
+        mla_layers = "none"
+    mla = _as_indices(mla_layers, L, "--mla-layers")
     cfg = layout.student_config_from_teacher(tcfg, mla, attn, kv_rank=kv_rank, q_rank=q_rank, rope_dim=rope_dim,
                                              nope_dim=nope_dim, drop_qk_norm=drop_qk_norm)
     return tcfg, cfg

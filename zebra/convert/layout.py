@@ -224,10 +224,11 @@ def student_config_from_teacher(
 def add_layout_arguments(parser) -> None:
     """The layout flags shared by `zebra convert` and `zebra kv` (same names, same defaults)."""
     g = parser.add_argument_group("student layout (SPEC 2, 9)")
-    g.add_argument("--mla-layers", required=True, metavar="SPEC",
+    g.add_argument("--mla-layers", default=None, metavar="SPEC",
                    help="0-based layers that become MLA: comma-separated indices (e.g. 0,5,10,14), 'all' or 'none'. "
-                        "Required, because every layer not listed here or in --attention-layers becomes Mamba2: "
-                        "'none' gives the pure-Mamba2 model, 'all' the pure-MLA model")
+                        "Required unless --attention-layers is given (then it defaults to none), because every layer "
+                        "not listed here or in --attention-layers becomes Mamba2: 'none' gives the pure-Mamba2 "
+                        "model, 'all' the pure-MLA model")
     g.add_argument("--attention-layers", default="none", metavar="SPEC",
                    help="layers that keep the teacher's own attention unchanged (default: none)")
     g.add_argument("--kv-rank", type=int, default=DEFAULT_KV_RANK, metavar="N",

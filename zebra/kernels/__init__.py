@@ -1,5 +1,5 @@
 """GPU kernels, imported lazily by zebra.ops.dispatch (never on a CPU-only path); each registers itself
-into dispatch._KERNELS under the op name it replaces. Needs triton (shipped with CUDA builds of torch);
+through dispatch.register() under the op name it replaces. Needs triton (shipped with CUDA builds of torch);
 the training / prefill scan also needs the optional extra: pip install 'zebra[cuda]' (fla-core).
 
     decode_attention  zebra.kernels.decode: split-K decode attention (GQA, absorbed MLA latent rows)
@@ -12,12 +12,12 @@ the training / prefill scan also needs the optional extra: pip install 'zebra[cu
 from ..ops import dispatch
 from . import decode, fused
 
-dispatch._KERNELS.update(decode.KERNELS)
-dispatch._KERNELS.update(fused.KERNELS)
+dispatch.register(decode.KERNELS)
+dispatch.register(fused.KERNELS)
 try:
     from . import fla_ops
 except ImportError as e:  # decode kernels stay usable; training / prefill use the reference scan
     MISSING_FLA = str(e)
 else:
     MISSING_FLA = None
-    dispatch._KERNELS.update(fla_ops.KERNELS)
+    dispatch.register(fla_ops.KERNELS)

@@ -5,8 +5,8 @@
     ZEBRA_BACKEND=torch zebra ...      # same, from the environment
 
 "auto" uses the GPU kernels for CUDA tensors when they import (see zebra/kernels/, optional extra
-`zebra[cuda]`), else the reference. CPU tensors always take the reference. Kernels register themselves in
-`_KERNELS` from zebra.kernels.* on first use; nothing here imports Triton at module import.
+`zebra[cuda]`), else the reference. CPU tensors always take the reference. zebra.kernels registers its kernels
+through `register()` when first needed; nothing here imports Triton at module import.
 """
 
 from __future__ import annotations
@@ -22,8 +22,19 @@ _BACKEND = os.environ.get("ZEBRA_BACKEND", "auto")
 # (zebra/ops/ssd.py, conv.py; fused by torch.compile), "fla" = the registered GPU kernels (fla-core; on Hopper with
 # Triton < 3.7.1 its parallel, per-document quadratic kernel, since fla refuses its chunked backward there).
 _TRAIN_SCAN = os.environ.get("ZEBRA_TRAIN_SCAN", "torch")
-_KERNELS: dict[str, object] = {}  # op name -> callable, filled by zebra.kernels (lazily)
+_KERNELS: dict[str, object] = {}  # op name -> callable, filled through register() by zebra.kernels (lazily)
+OPS = ("ssd_scan", "ssd_step", "causal_conv1d", "mamba2_step", "decode_attention", "add_rms_norm",
+       "gated_rms_norm", "rope", "silu_mul")
 _KERNELS_LOADED = False
+
+
+def register(kernels: dict) -> None:
+    """Make GPU kernels available: {op name: callable with the reference op's signature}. zebra.kernels calls
+    this for its own kernels when first needed; a plug-in may too."""
+    unknown = sorted(set(kernels) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown op(s) {unknown}; ops are {', '.join(OPS)}")
+    _KERNELS.update(kernels)
 
 
 def set_backend(name: str) -> None:

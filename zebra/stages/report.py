@@ -40,9 +40,9 @@ def _loss_curves(run: Path, out: Path) -> bool:
 
 def write_report(run_dir, cfg: dict | None = None) -> Path:
     """The pipeline's report plus any evaluations / benchmarks found in the run folder (zebra report)."""
-    from ..commands.report import write_report as write_full
+    from ..eval.report import write_report as write_full
 
-    return write_full(run_dir)
+    return write_full(run_dir, head=render_report(run_dir, cfg))
 
 
 def render_report(run_dir, cfg: dict | None = None) -> str:
