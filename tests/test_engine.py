@@ -100,8 +100,14 @@ def test_engine_errors():
         eng.step(torch.ones(2, dtype=torch.long))
     with pytest.raises(ZebraError, match="num_beams"):
         model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, num_beams=2, cache_implementation="static")
+    with pytest.raises(ZebraError, match="no_repeat_ngram_size"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, no_repeat_ngram_size=2,
+                       cache_implementation="static")
     with pytest.raises(ZebraError, match="does not support"):
-        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, repetition_penalty=1.3,
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, not_an_option=1,
+                       cache_implementation="static")
+    with pytest.raises(ZebraError, match="tokenizer"):
+        model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=2, stop_strings=["x"],
                        cache_implementation="static")
 
 
@@ -116,3 +122,71 @@ def test_cache_bytes_count_every_buffer():
     mla = B * L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4
     attn = 2 * B * G * L * D * 4
     assert eng.cache_nbytes() == 2 * mamba + 2 * mla + attn
+
+
+def test_repetition_penalty_matches_transformers_greedy():
+    model = tiny_model(ALL["all-types"])
+    ids = torch.randint(1, 97, (2, 6), generator=torch.Generator().manual_seed(11))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, pad_token_id=0,
+              repetition_penalty=1.8)
+    ref = model.generate(ids, **kw)
+    assert model.generate(ids, cache_implementation="static", **kw).tolist() == ref.tolist()
+    plain = model.generate(ids, **{**kw, "repetition_penalty": 1.0})
+    assert plain.tolist() != ref.tolist()  # the penalty changes this greedy continuation
+
+
+@pytest.mark.parametrize("opts", [dict(top_k=5), dict(top_p=0.7), dict(min_p=0.2), dict(top_k=20, top_p=0.9,
+                                                                                     min_p=0.05, temperature=0.7)])
+def test_sampling_filters_match_transformers_warpers(opts):
+    """top_k / top_p / min_p / temperature give the distribution transformers' logits warpers give."""
+    from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    from zebra.generation.engine import sampling_probs
+
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(4, 97, generator=g) * 3
+    scores = logits.clone()
+    warpers = []
+    if "temperature" in opts:
+        warpers.append(TemperatureLogitsWarper(opts["temperature"]))
+    if "top_k" in opts:
+        warpers.append(TopKLogitsWarper(opts["top_k"]))
+    if "top_p" in opts:
+        warpers.append(TopPLogitsWarper(opts["top_p"]))
+    if "min_p" in opts:
+        warpers.append(MinPLogitsWarper(opts["min_p"]))
+    for w in warpers:
+        scores = w(None, scores)
+    torch.testing.assert_close(sampling_probs(logits, **opts), torch.softmax(scores, -1), atol=1e-6, rtol=1e-5)
+
+
+def test_stop_strings_end_a_row_like_transformers(teacher_tokenizer):
+    tok = teacher_tokenizer
+    model = tiny_model(["mla", "mamba2"], vocab_size=len(tok))
+    ids = tok("The weather today is", return_tensors="pt")["input_ids"]
+    free = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    stop = tok.decode(free[0, ids.shape[1]:ids.shape[1] + 4])[-3:]  # ends the 4th new token (or earlier)
+    kw = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, stop_strings=[stop], tokenizer=tok)
+    ref = model.generate(ids, **kw)
+    fast = model.generate(ids, cache_implementation="static", **kw)
+    assert ref.shape[1] < free.shape[1] and fast.tolist() == ref.tolist()
+
+
+def test_engine_is_rebuilt_when_the_weights_change():
+    """generate(cache_implementation="static") keeps an engine per batch size; changing the weights in place
+    (an optimizer step, load_state_dict) makes it build a new one instead of decoding with stale ones."""
+    model = tiny_model(ALL["all-types"])
+    ids = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(13))
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    model.generate(ids, cache_implementation="static", **kw)
+    first = model._zebra_engines[1]
+    model.generate(ids, cache_implementation="static", **kw)
+    assert model._zebra_engines[1] is first  # unchanged weights: reused
+    with torch.no_grad():
+        for layer in model.model.layers:
+            if layer.mixer_type == "mla":
+                layer.self_attn.kv_b_proj.weight.mul_(-1.5)  # the absorbed W_UK / W_UV the engine derived
+    fast = model.generate(ids, cache_implementation="static", **kw)
+    assert model._zebra_engines[1] is not first
+    assert fast.tolist() == model.generate(ids, **kw).tolist()

@@ -43,6 +43,7 @@ class StaticEngine:
         if batch_size < 1 or max_len < 2:
             raise ZebraError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.model = model.eval()
+        self.weights_key = weights_key(model)  # fast_generate rebuilds the engine when this changes
         self.config = cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
@@ -252,34 +253,66 @@ class StaticEngine:
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, max_new_tokens: int = 64, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float | None = None, eos_token_id=None, pad_token_id=None,
-                 streamer=None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 streamer=None, generator: torch.Generator | None = None, top_k: int | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 stop_strings=None, tokenizer=None) -> torch.Tensor:
         """Prompt (B, T) -> (B, T + n) token ids (n <= max_new_tokens: stops when every row has ended; ended
-        rows are filled with pad_token_id). Greedy by default; sampling with temperature / top_p."""
+        rows are filled with pad_token_id). Greedy by default; sampling with temperature, top_k, top_p, min_p
+        (transformers' order and meaning); repetition_penalty on every token already in the row (prompt
+        included, as transformers); stop_strings (with `tokenizer`) end a row once its text ends with one."""
         T = input_ids.shape[1]
         if T + max_new_tokens > self.L:
             raise ZebraError(f"prompt {T} + {max_new_tokens} new tokens exceeds the engine's max_len {self.L}")
+        if stop_strings and tokenizer is None:
+            raise ZebraError("stop_strings need the tokenizer: generate(..., stop_strings=[...], tokenizer=tok)")
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
         eos = torch.tensor(sorted(_as_set(eos_token_id)), device=self.device, dtype=torch.long)
         pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
         logits = self.prefill(input_ids, attention_mask)
         done = torch.zeros(self.B, dtype=torch.bool, device=self.device)
         out = [input_ids.to(self.device)]
+        seen = None
+        if repetition_penalty is not None and repetition_penalty != 1.0:  # which ids each row holds so far
+            seen = torch.zeros(self.B, logits.shape[-1], dtype=torch.bool, device=self.device)
+            real = input_ids.to(self.device) if attention_mask is None else torch.where(
+                attention_mask.to(self.device).bool(), input_ids.to(self.device), input_ids.new_tensor(-1))
+            seen.scatter_(1, real.clamp(min=0), real >= 0)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         for i in range(max_new_tokens):
-            nxt = _pick(logits, do_sample, temperature, top_p, generator)
+            nxt = _pick(logits, do_sample, temperature, top_p, generator, top_k, min_p, repetition_penalty, seen)
             nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
             out.append(nxt[:, None])
+            if seen is not None:
+                seen.scatter_(1, nxt[:, None], True)
             if streamer is not None:
                 streamer.put(nxt.cpu())
             if len(eos):
                 done |= torch.isin(nxt, eos)
-                if (i % 8 == 7 or streamer is not None or self.B == 1) and bool(done.all()):
-                    break
+            if stops:
+                new = torch.cat(out[1:], dim=1).tolist()
+                for b in range(self.B):
+                    if not done[b] and _ends_with_stop(tokenizer, input_ids[b].tolist() + new[b], stops):
+                        done[b] = True
+            if (len(eos) or stops) and (i % 8 == 7 or streamer is not None or self.B == 1 or stops) \
+                    and bool(done.all()):
+                break
             if i + 1 < max_new_tokens:
                 logits = self.step(nxt)
         if streamer is not None:
             streamer.end()
         return torch.cat(out, dim=1)
+
+
+def _ends_with_stop(tokenizer, ids: list[int], stops: list[str], window: int = 32) -> bool:
+    text = tokenizer.decode(ids[-window:])
+    return any(text.endswith(s) for s in stops)
+
+
+def weights_key(model) -> tuple:
+    """Identity and in-place version of every parameter: changes when the weights are replaced, moved or updated
+    (optimizer steps, load_state_dict), so an engine built from them knows it is stale."""
+    return tuple((id(p), p._version) for p in model.parameters())
 
 
 def _as_set(eos) -> set[int]:
@@ -290,14 +323,34 @@ def _as_set(eos) -> set[int]:
     return {int(e) for e in eos}
 
 
-def _pick(logits, do_sample, temperature, top_p, generator):
+def _pick(logits, do_sample, temperature, top_p, generator, top_k=None, min_p=None, repetition_penalty=None,
+          seen=None):
+    """The next token per row, transformers' way: repetition penalty (score / p if > 0 else score * p, on the ids
+    `seen` marks), then greedy argmax, or a seeded sample from sampling_probs."""
+    logits = logits.float()
+    if seen is not None:
+        penal = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, penal, logits)
     if not do_sample:
         return logits.argmax(-1)
-    probs = F.softmax(logits.float() / max(temperature, 1e-5), dim=-1)
+    probs = sampling_probs(logits, temperature, top_k, top_p, min_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def sampling_probs(logits, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   min_p: float | None = None) -> torch.Tensor:
+    """The distribution a sample is drawn from: logits / temperature, then top_k, top_p (the smallest set whose
+    mass reaches top_p), min_p (probability >= min_p x the largest), renormalised: transformers' warpers, in
+    their order. (B, V) -> (B, V)."""
+    logits = logits.float() / max(temperature, 1e-5)
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
     if top_p is not None and top_p < 1.0:
         sp, idx = probs.sort(dim=-1, descending=True)
         keep = sp.cumsum(-1) - sp < top_p  # the smallest prefix whose mass reaches top_p
-        sp = sp * keep
-        choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=generator)
-        return idx.gather(-1, choice)[:, 0]
-    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sp * keep)
+    if min_p is not None and min_p > 0:
+        probs = probs * (probs >= min_p * probs.max(dim=-1, keepdim=True).values)
+    return probs / probs.sum(-1, keepdim=True)

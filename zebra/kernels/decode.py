@@ -61,7 +61,8 @@ def _attn_split_kernel(Q, K, V, KV_START, KV_LEN, O_PART, ML_PART,
                        SHARED: tl.constexpr, HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
                        BLOCK_B: tl.constexpr, BLOCK_S: tl.constexpr, PREC: tl.constexpr,
                        DYNAMIC: tl.constexpr, N_TILES: tl.constexpr):
-    b, g, sp = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    # 64-bit offsets: batch x cached length x row width passes 2^31 elements (e.g. 256 x 32k x 576)
+    b, g, sp = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
     G = tl.num_programs(1)
     start = tl.load(KV_START + b)
     lo = tl.maximum(start, sp * chunk)
@@ -95,7 +96,7 @@ def _attn_split_kernel(Q, K, V, KV_START, KV_LEN, O_PART, ML_PART,
 def _attn_merge_kernel(O_PART, ML_PART, OUT, so_b, so_g, so_m, M, DV, NSPLIT: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_V: tl.constexpr):
     """Grid (batch, group, value-column block): merge the splits' partial softmax sums."""
-    b, g, vb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, g, vb = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)  # 64-bit offsets
     G = tl.num_programs(1)
     om = tl.arange(0, BLOCK_M)
     ov = vb * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -202,7 +203,7 @@ def _mamba2_step_kernel(XBC, RING, POS, W, BIAS, DT, DT_BIAS, A_LOG, D, STATE, Y
                         sx_b, sr_b, sr_c, sw_c, sdt_b, ss_b, ss_h, ss_p, sy_b, sy_h,
                         H, NKV, P, N,
                         K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MASK: tl.constexpr):
-    b, h, pb = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    b, h, pb = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)  # 64-bit batch offsets
     rep = H // NKV
     grp, j = h // rep, h % rep
     pos = tl.load(POS).to(tl.int32)
