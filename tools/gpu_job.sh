@@ -6,7 +6,8 @@
 #   bench    zebra bench --what train (SmolLM2 pair and the Llama-3.2-1B shape) -> /tmp/results/train-bench
 #   quality  zebra run configs/smollm2-135m-quality.yaml -> /tmp/quality (lm-eval of teacher and student inside)
 #   ablate   zebra ablate configs/ablations-smollm2.yaml -> /tmp/ablations, until JOB_DEADLINE (epoch seconds)
-# JOB_STEPS (default "bench quality ablate") picks steps. /tmp/job.done marks the end.
+# JOB_STEPS (default "quality bench ablate": the run first, it is the result that matters) picks steps.
+# /tmp/job.done marks the end.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -23,7 +24,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run with a time limit, log, return its s
     return $rc
 }
 deadline=${JOB_DEADLINE:-$(( $(date +%s) + 1500 ))}
-for s in ${JOB_STEPS:-bench quality ablate}; do
+for s in ${JOB_STEPS:-quality bench ablate}; do
     case $s in
     smoke)
         step smoke 420 python3 -m zebra.cli run configs/gpu-smoke.yaml --out /tmp/smoke \
