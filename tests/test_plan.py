@@ -1,0 +1,62 @@
+"""zebra plan: per-GPU memory of a run's training stages from the configs alone (parameter, gradient and optimizer
+bytes hand-computed from exact parameter counts; sharding divides them by N; the time from tokens/s), and its
+CLI on the paper's 8B recipe for 8 GPUs."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from zebra import cli
+from zebra.plan import GiB, plan
+
+
+def tiny_run(tmp_path, **over):
+    from test_convert import save_teacher
+
+    save_teacher(tmp_path / "t")
+    cfg = {"base": str(tmp_path / "t"), "seq_len": 64,
+           "student": {"mla_layers": [0, 3], "kv_rank": 16, "rope_dim": 8, "nope_dim": 8},
+           "ild": {"tokens": 6400, "batch_size": 2, "mode": "full"},
+           "distill": {"tokens": 12800, "batch_size": 2, "grad_accum": 2}}
+    cfg.update(over)
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def test_plan_counts_state_bytes_and_shards_them(tmp_path):
+    from zebra.convert.build import build_student_config
+    from zebra.model.hybrid import ZebraForCausalLM
+
+    path = tiny_run(tmp_path)
+    with torch.device("meta"):
+        hybrid = ZebraForCausalLM(build_student_config(str(tmp_path / "t"), [0, 3], None, kv_rank=16, rope_dim=8,
+                                                        nope_dim=8)[1])
+    n = sum(p.numel() for p in hybrid.parameters())
+    one, four = plan(path, 1, tokens_per_s=1000.0), plan(path, 4, tokens_per_s=1000.0)
+    d1 = next(s for s in one["stages"] if s["stage"] == "distill")
+    d4 = next(s for s in four["stages"] if s["stage"] == "distill")
+    assert d1["student_params"] == d1["trained_params"] == n
+    assert d1["gib"]["parameters"] * GiB == pytest.approx(4 * n)
+    assert d1["gib"]["gradients"] * GiB == pytest.approx(4 * n) and d1["gib"]["optimizer"] * GiB == pytest.approx(8 * n)
+    assert d4["gib"]["optimizer"] == pytest.approx(d1["gib"]["optimizer"] / 4)
+    assert d4["gib"]["gradients"] == pytest.approx(d1["gib"]["gradients"] / 4)
+    assert d1["micro_batch_tokens"] == 128 and d4["global_batch_tokens"] == 128 * 2 * 4
+    assert d1["hours"] == pytest.approx(12800 / 1000 / 3600) and d4["hours"] == pytest.approx(12800 / (4000 * 0.9) / 3600)
+    ild = next(s for s in one["stages"] if s["stage"] == "ild")
+    assert ild["trains"] == "layers" and ild["trained_params"] < ild["student_params"]  # embeddings / head frozen
+    assert d1["fits"] and not plan(path, 1, gpu_mem_gib=1e-3)["stages"][1]["fits"]
+
+
+def test_plan_cli_for_the_paper_8b_recipe_on_8_gpus(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = cli.main(["plan", "configs/paper/llama-3.1-8b-8mla24m2.yaml", "--gpus", "8", "--shape", "llama-3.1-8b",
+                   "--tokens-per-s", "5000", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    d = next(s for s in res["stages"] if s["stage"] == "distill")
+    assert d["fits"] and d["global_batch_tokens"] == 64 * 2048 and 7e9 < d["student_params"] < 9e9
+    assert "| distill |" in capsys.readouterr().out
+    assert cli.main(["plan", "configs/paper/llama-3.1-8b-8mla24m2.yaml", "--gpus", "0", "--shape", "llama-3.1-8b"]) == 2
