@@ -83,10 +83,11 @@ def test_full_run_then_interrupted_run_resumes_to_identical_weights(tiny_setup, 
     monkeypatch.setenv("ZEBRA_STOP_AFTER_STEPS", "2")
     with pytest.raises(KeyboardInterrupt):
         Run(cfg, run_b).run()  # killed in ild after 2 of 4 steps
-    assert (run_b / "ild" / "checkpoint.pt").exists() and not (run_b / "ild" / "DONE").exists()
+    assert (run_b / "ild" / "checkpoint" / "meta.pt").exists() and not (run_b / "ild" / "DONE").exists()
     with pytest.raises(KeyboardInterrupt):
         Run(cfg, run_b).run()  # resumes ild, finishes it, then is killed in distill
-    assert (run_b / "ild" / "DONE").exists() and (run_b / "distill" / "checkpoint.pt").exists()
+    assert (run_b / "ild" / "DONE").exists() and (run_b / "distill" / "checkpoint" / "meta.pt").exists()
+    assert not (run_b / "ild" / "checkpoint").exists()  # removed once the stage model is saved
     done_mtime = (run_b / "ild" / "DONE").stat().st_mtime
     monkeypatch.delenv("ZEBRA_STOP_AFTER_STEPS")
     capsys.readouterr()

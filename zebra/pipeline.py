@@ -26,6 +26,7 @@ import torch
 
 from .errors import ZebraError
 from .runconfig import DEFAULTS, load_config  # noqa: F401  (re-exported: zebra.pipeline.load_config)
+from .stages.parallel import barrier
 
 _PROXY: dict = {}  # (teacher, tasks, limit) -> (QuickMC, the teacher's scores)
 STAGES = ["init", "ild", "sensitivity", "smart", "compose", "distill", "pairs", "dpo", "eval", "report"]
@@ -56,9 +57,15 @@ class Run:
     def __init__(self, cfg: dict, out_dir: str | Path):
         from .stages.fastpath import want_compile
 
+        from .stages.parallel import rank_world
+
         self.cfg, self.out = cfg, Path(out_dir)
+        self.rank, self.world = rank_world()
         dev = cfg["device"]
-        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
+        if self.world > 1 and dev == "auto":  # torchrun: this rank's GPU (zebra.stages.parallel.init_distributed)
+            self.device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+        else:
+            self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
         self.compile = want_compile(cfg["compile"], self.device)
         self._teachers: dict = {}
         self._heldout = None
@@ -136,15 +143,22 @@ class Run:
         return agreement(self.eval_teacher(), model, seqs if seqs is not None else self.heldout(),
                          batch_size=self.cfg["eval"]["batch_size"])
 
-    def stream(self, split: str, stage: dict, loss_on: str = "all"):
+    def stream(self, split: str, stage: dict, loss_on: str = "all", all_ranks: bool = True):
+        """A PackedStream of this rank's batches. all_ranks: every rank builds it now (a training stage), so rank 0
+        tokenises first and the others then read the cache; False: only this rank does (no barrier)."""
+        import contextlib
+
         from .assets import cache_dir
         from .data.packing import build_dataset
+        from .stages.parallel import main_first
 
         # tokenised sources are cached by (tokenizer, source, loss_on) under the zebra cache: every run shares them
-        return build_dataset(self.tokenizer(), self.cfg["data"], seq_len=stage.get("seq_len") or self.cfg["seq_len"],
-                             split=split, seed=self.cfg["seed"], max_tokens=stage["tokens"],
-                             batch_size=stage["batch_size"], ild_fraction=self.cfg["ild_fraction"], loss_on=loss_on,
-                             cache_dir=cache_dir() / "tokenized")
+        with main_first() if all_ranks else contextlib.nullcontext():
+            return build_dataset(self.tokenizer(), self.cfg["data"],
+                                 seq_len=stage.get("seq_len") or self.cfg["seq_len"], split=split,
+                                 seed=self.cfg["seed"], max_tokens=stage["tokens"], batch_size=stage["batch_size"],
+                                 ild_fraction=self.cfg["ild_fraction"], loss_on=loss_on,
+                                 cache_dir=cache_dir() / "tokenized")
 
     def train_config(self, stage: dict, tokens: int, **extra):
         from .stages.trainer import TrainConfig
@@ -159,8 +173,10 @@ class Run:
 
     def write_stage_config(self, name: str, extra: dict | None = None) -> Path:
         d = self.stage_dir(name)
-        d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps({"stage": name, "run": self.cfg, **(extra or {})}, indent=2) + "\n")
+        if self.rank == 0:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "config.json").write_text(json.dumps({"stage": name, "run": self.cfg, **(extra or {})}, indent=2)
+                                           + "\n")
         return d
 
     def final_model_dir(self) -> Path:
@@ -188,7 +204,8 @@ class Run:
             if kind == "mamba2" and s["calibrate_tokens"]:
                 from .convert.calibrate import calibrate_mamba2_norms
 
-                stream = self.stream("ild", {"tokens": s["calibrate_tokens"], "batch_size": 8, "seq_len": 512})
+                stream = self.stream("ild", {"tokens": s["calibrate_tokens"], "batch_size": 8, "seq_len": 512},
+                                     all_ranks=False)
                 batches = [{k: v.to(self.device) for k, v in b.items()} for b in stream]
                 report["calibration"] = calibrate_mamba2_norms(self.eval_teacher(), model, batches)
             save_model(model, tok, d / kind, report)
@@ -202,11 +219,45 @@ class Run:
                 {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)})
         return {"kv": out, "mixer_rel_err": metrics}
 
-    def run_ild(self):
+    def _train(self, name: str, models: dict, fn, groups, stream, tcfg, evaluator=None):
+        """Train `models` (dict of the stage's trained models) with loss `fn` on every rank: the loss runs as a
+        StageLoss module, wrapped by FSDP2 / DDP when there are several ranks (config `parallel`). Returns
+        (trainer summary, full state dict of each model on rank 0, {} elsewhere)."""
+        from .stages.parallel import StageLoss, full_state_dict, regroup, wrap
+        from .stages.trainer import Trainer, param_groups
+
+        loss = StageLoss(models, fn)
+        before = {id(p): n for n, p in loss.named_parameters()}
+        wrapped = wrap(loss, self.cfg["parallel"], mixed_precision=self.device.type == "cuda", device=self.device)
+        if wrapped is not loss:
+            wrapped.count = loss.count
+        groups = regroup(param_groups(groups), before, wrapped)
+        if evaluator is not None:  # held-out metrics go through the wrapper's forward too (FSDP2 unshards there)
+            inner = evaluator
+            evaluator = lambda: wrapped(None, call=inner)  # noqa: E731
+        trainer = Trainer(wrapped, groups, None, stream, tcfg, self.stage_dir(name), name, self.device,
+                          evaluator=evaluator)
+        summary = trainer.fit()
+        states = {k: full_state_dict(m) for k, m in models.items()} if self.world > 1 else {}
+        trainer.remove_checkpoint()
+        return summary, states
+
+    def _save_trained(self, model, state: dict, source: Path, out: Path, report: dict):
+        """Rank 0: save a trained model; with several ranks from its gathered full state (a fresh unsharded copy of
+        the stage's input model takes the weights). Returns the unsharded model on rank 0, None elsewhere."""
         from .convert.build import save_model
+
+        if self.rank != 0:
+            return None
+        if self.world > 1:
+            model = self.load(source)
+            model.load_state_dict(state)
+        save_model(model, self.tokenizer(), out, report)
+        return model
+
+    def run_ild(self):
         from .stages.fastpath import compile_layers
         from .stages.ild import ild_parameters, make_ild_loss
-        from .stages.trainer import Trainer
 
         st = self.cfg["ild"]
         d = self.write_stage_config("ild")
@@ -216,13 +267,11 @@ class Run:
         if self.compile:
             for m in students.values():
                 compile_layers(m, mixers_only=st["mode"] == "mixers")
-        trainer = Trainer(torch.nn.ModuleDict(students), groups, make_ild_loss(teacher, students, st["mode"],
-                                                                                st["grad_checkpointing"]),
-                          self.stream("ild", st), self.train_config(st, st["tokens"]), d, "ild", self.device)
-        summary = trainer.fit()
+        summary, states = self._train("ild", students, make_ild_loss(teacher, students, st["mode"],
+                                                                      st["grad_checkpointing"]),
+                                      groups, self.stream("ild", st), self.train_config(st, st["tokens"]))
         for k, m in students.items():
-            save_model(m, self.tokenizer(), d / k, {"stage": "ild", "pool": k})
-        trainer.ckpt_path.unlink(missing_ok=True)
+            self._save_trained(m, states.get(k), self.stage_dir("init") / k, d / k, {"stage": "ild", "pool": k})
         return summary
 
     def run_sensitivity(self):
@@ -320,10 +369,8 @@ class Run:
         return evaluate
 
     def run_distill(self):
-        from .convert.build import save_model
         from .stages.distill import distill_parameters, make_distill_loss
-        from .stages.fastpath import compile_layers
-        from .stages.trainer import Trainer
+        from .stages.fastpath import compile_layers, eager
 
         st = self.cfg["distill"]
         d = self.write_stage_config("distill")
@@ -336,17 +383,15 @@ class Run:
         if self.compile:
             compile_layers(student)
             compile_layers(teacher)
-        trainer = Trainer(student, groups, make_distill_loss(teacher, student),
-                          self.stream("kd", st, loss_on=st["loss_on"]), self.train_config(st, st["tokens"]), d,
-                          "distill", self.device, evaluator=evaluator)
-        summary = trainer.fit()
+        summary, states = self._train("distill", {"student": student}, make_distill_loss(teacher, student), groups,
+                                      self.stream("kd", st, loss_on=st["loss_on"]),
+                                      self.train_config(st, st["tokens"]), evaluator)
         student.model.gradient_checkpointing = False
-        from .stages.fastpath import eager
-
-        with eager(student):
-            summary["kl"] = self.kl(student)
-        save_model(student, self.tokenizer(), d / "model", {"stage": "distill"})
-        trainer.ckpt_path.unlink(missing_ok=True)
+        final = self._save_trained(student, states.get("student"), self.stage_dir("compose") / "model", d / "model",
+                                   {"stage": "distill"})
+        if final is not None:
+            with eager(final):
+                summary["kl"] = self.kl(final)
         return summary
 
     def run_pairs(self):
@@ -374,10 +419,8 @@ class Run:
         return {"pairs": n}
 
     def run_dpo(self):
-        from .convert.build import save_model
         from .stages.dpo import PairStream, make_dpo_loss
         from .stages.pairs import read_pairs
-        from .stages.trainer import Trainer
 
         st = self.cfg["dpo"]
         d = self.write_stage_config("dpo")
@@ -390,14 +433,14 @@ class Run:
         pairs_path = st["pairs_file"] or self.stage_dir("pairs") / "pairs.jsonl"
         stream = PairStream(self.tokenizer(), read_pairs(pairs_path), st["batch_size"],
                             st["max_len"], st["epochs"], self.cfg["seed"])
-        tokens = stream.num_batches * stream.tokens_per_batch
+        tokens = stream.num_batches * stream.tokens_per_batch * self.world
         cfg = self.train_config({**st, "warmup_frac": 0.1}, tokens, betas=(0.9, 0.95))
-        trainer = Trainer(policy, policy.parameters(), make_dpo_loss(policy, reference, st["beta"]), stream, cfg, d,
-                          "dpo", self.device)
-        summary = trainer.fit()
-        summary["kl"] = self.kl(policy)
-        save_model(policy, self.tokenizer(), d / "model", {"stage": "dpo"})
-        trainer.ckpt_path.unlink(missing_ok=True)
+        summary, states = self._train("dpo", {"policy": policy}, make_dpo_loss(policy, reference, st["beta"]),
+                                      [p for p in policy.parameters()], stream, cfg)
+        final = self._save_trained(policy, states.get("policy"), self.stage_dir("distill") / "model", d / "model",
+                                   {"stage": "dpo"})
+        if final is not None:
+            summary["kl"] = self.kl(final)
         return summary
 
     def run_eval(self):
@@ -529,12 +572,24 @@ class Run:
         path = write_report(self.out, self.cfg)
         return {"report": str(path)}
 
+    @staticmethod
+    def is_main() -> bool:
+        from .stages.parallel import is_main
+
+        return is_main()
+
+    def _say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(f"[zebra run] {msg}", flush=True)
+
     def run(self, only: list[str] | None = None) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "run_config.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
-        start = self.out / "run_start.json"
-        if not start.exists():
-            start.write_text(json.dumps({"time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "run_config.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
+            start = self.out / "run_start.json"
+            if not start.exists():
+                start.write_text(json.dumps({"time": time.time(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+        barrier()
         fns = {"init": self.run_init, "ild": self.run_ild, "sensitivity": self.run_sensitivity,
                "smart": self.run_smart, "compose": self.run_compose, "distill": self.run_distill,
                "pairs": self.run_pairs, "dpo": self.run_dpo, "eval": self.run_eval, "report": self.run_report}
@@ -542,14 +597,19 @@ class Run:
             if only and name not in only:
                 continue
             if self.done(name) and name != "report":
-                print(f"[zebra run] {name}: done, skipping", flush=True)
+                self._say(f"{name}: done, skipping")
                 continue
-            if name == "distill" and not (only and "eval" not in only):
+            if name == "distill" and not (only and "eval" not in only) and self.rank == 0:
                 self.start_teacher_eval()
-            print(f"[zebra run] {name} ...", flush=True)
+            self._say(f"{name} ...")
             self._stage_t0 = time.perf_counter()
-            summary = fns[name]()
-            summary["seconds"] = round(time.perf_counter() - self._stage_t0, 1)
-            self.mark_done(name, summary)
-            print(f"[zebra run] {name}: done in {summary['seconds']}s", flush=True)
+            if name in TRAINED or self.rank == 0:  # training stages on every rank, the others on rank 0 alone
+                summary = fns[name]()
+                if self.rank == 0:
+                    summary["seconds"] = round(time.perf_counter() - self._stage_t0, 1)
+                    if name in TRAINED and self.world > 1:
+                        summary["world_size"] = self.world
+                    self.mark_done(name, summary)
+                    self._say(f"{name}: done in {summary['seconds']}s")
+            barrier()
         return self.out / "report.md"

@@ -23,7 +23,10 @@ def run(args) -> int:
     from ..errors import ZebraError
     from ..pipeline import STAGES, Run, load_config
 
+    from ..stages.parallel import init_distributed
+
     cfg = load_config(args.config)
+    init_distributed()  # under torchrun: one rank of several
     r = Run(cfg, args.out or f"runs/{cfg['name']}")
     cmd = args.command
     stages = ["pairs", "dpo"] if cmd == "dpo" else [cmd]  # pairs is skipped when already made

@@ -193,12 +193,18 @@ class PackedStream:
                 "world": self.world, "data": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
-        # the world size may change: rows are counted globally, so the data simply continues from there
-        for k in ("seq_len", "batch_size", "seed", "data"):
+        # the world size may change: rows are counted globally, so the data simply continues from there, as long
+        # as a round (batch size x ranks) is as many rows as before
+        saved_round = state.get("batch_size", self.batch_size) * state.get("world", self.world)
+        if saved_round != self.batch_size * self.world:
+            raise ZebraError(f"cannot resume this data stream: {self.batch_size} rows x {self.world} ranks per step, "
+                             f"the checkpoint's {state.get('batch_size')} x {state.get('world')} (resuming needs the "
+                             "same global batch)")
+        for k in ("seq_len", "seed", "data"):
             mine = self.fingerprint() if k == "data" else getattr(self, k)
             if k in state and state[k] != mine:
                 raise ZebraError(f"cannot resume this data stream: its {k} is {mine!r}, the checkpoint's is "
-                                 f"{state[k]!r} (resuming needs the same data, seq_len, batch size and seed)")
+                                 f"{state[k]!r} (resuming needs the same data, seq_len, global batch and seed)")
         self.row = int(state["rows"])
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:

@@ -142,10 +142,11 @@ class Trainer:
     fresh run and at the end; its time is excluded from tokens/s.
     """
 
-    def __init__(self, model: torch.nn.Module, params, loss_fn: Callable, stream, cfg: TrainConfig,
+    def __init__(self, model: torch.nn.Module, params, loss_fn: Callable | None, stream, cfg: TrainConfig,
                  out_dir: str | Path, name: str, device: torch.device, evaluator: Callable | None = None):
         cfg.check()
-        self.model, self.loss_fn, self.stream, self.cfg = model, loss_fn, stream, cfg
+        # loss_fn None: the model is the loss (a StageLoss, possibly wrapped by FSDP2 / DDP): model(batch)
+        self.model, self.loss_fn, self.stream, self.cfg = model, loss_fn if loss_fn is not None else model, stream, cfg
         self.groups = param_groups(params)
         self.params = [p for g in self.groups for p in g["params"]]
         if not self.params:
@@ -153,7 +154,7 @@ class Trainer:
         self.out_dir, self.name, self.device = Path(out_dir), name, device
         self.evaluator = evaluator
         self.rank, self.world = dist_info()
-        self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.ckpt_dir = self.out_dir / "checkpoint"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         tokens_per_step = stream.tokens_per_batch * cfg.grad_accum * self.world
         self.total_steps = self._token_steps = max(1, math.ceil(cfg.tokens / tokens_per_step))
@@ -187,45 +188,101 @@ class Trainer:
         t = getattr(self, "_t_fit", None)
         return self._resumed_s + (time.perf_counter() - t if t is not None else 0.0)
 
-    def _trainable_state(self) -> dict:
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        return {names[id(p)]: p.detach().cpu().clone() for p in self.params}
+    def _dcp_state(self) -> dict:
+        """Model (trained parameters only) and optimizer state in torch.distributed.checkpoint's form: sharded
+        DTensors under FSDP2, plain tensors otherwise; the same keys at any world size."""
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(ignore_frozen_params=True)
+        return {"model": get_model_state_dict(self.model, options=opts),
+                "optim": get_optimizer_state_dict(self.model, self.opt, options=opts)}
 
     def save_checkpoint(self) -> None:
-        if self.rank != 0:
-            return
-        atomic_torch_save({
-            "step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
-            "budget_frozen": self.budget_frozen, "elapsed_s": self._elapsed(), "params": self._trainable_state(),
-            "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "stream": self.stream.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "config": asdict(self.cfg),
-        }, self.ckpt_path)
+        """Every rank writes its shards (torch.distributed.checkpoint) into checkpoint.tmp/, rank 0 adds meta.pt
+        (step, data position, schedule, time), each rank its RNG state; then rank 0 renames the folder to
+        checkpoint/ (after removing the previous one): a kill at any moment leaves the last complete checkpoint."""
+        import shutil
+
+        import torch.distributed.checkpoint as dcp
+
+        from .parallel import barrier
+
+        tmp, final = self.out_dir / "checkpoint.tmp", self.ckpt_dir
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        barrier()
+        dcp.save(self._dcp_state(), checkpoint_id=str(tmp))
+        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
+                   tmp / f"rng-{self.rank}.pt")
+        if self.rank == 0:
+            torch.save({"step": self.step, "tokens_seen": self.tokens_seen, "total_steps": self.total_steps,
+                        "budget_frozen": self.budget_frozen, "elapsed_s": self._elapsed(), "world": self.world,
+                        "sched": self.sched.state_dict(), "stream": self.stream.state_dict(),
+                        "config": asdict(self.cfg)}, tmp / "meta.pt")
+        barrier()
+        if self.rank == 0:
+            old = self.out_dir / "checkpoint.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        barrier()
 
     _resumed_s = 0.0  # stage seconds spent before the last resume (time budget)
 
     def maybe_resume(self) -> bool:
-        if not self.ckpt_path.exists():
+        """Resume from checkpoint/ if there is one: at any world size (the shards are resharded on load); the RNG
+        state of each rank is restored when the world size is the one it was saved at."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        if not (self.ckpt_dir / "meta.pt").exists():
             return False
-        ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        named = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n, t in ck["params"].items():
-                named[n].copy_(t.to(named[n].device))
-        self.opt.load_state_dict(ck["opt"])
-        self.sched.load_state_dict(ck["sched"])
-        self.stream.load_state_dict(ck["stream"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        random.setstate(ck["rng"]["python"])
-        if ck["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ck["rng"]["cuda"])
-        self.step, self.tokens_seen = ck["step"], ck["tokens_seen"]
-        self.total_steps = ck.get("total_steps", self.total_steps)
-        self._resumed_s = ck.get("elapsed_s", 0.0)
-        self.budget_frozen = ck.get("budget_frozen", False)
-        self._log({"event": "resumed", "step": self.step, "tokens": self.tokens_seen})
+        meta = torch.load(self.ckpt_dir / "meta.pt", map_location="cpu", weights_only=False)
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=str(self.ckpt_dir))
+        opts = StateDictOptions(ignore_frozen_params=True, strict=False)
+        set_model_state_dict(self.model, state["model"], options=opts)
+        set_optimizer_state_dict(self.model, self.opt, state["optim"], options=opts)
+        self.sched.load_state_dict(meta["sched"])
+        self.stream.load_state_dict(meta["stream"])
+        rng = self.ckpt_dir / f"rng-{self.rank}.pt"
+        if meta.get("world") == self.world and rng.exists():
+            r = torch.load(rng, map_location="cpu", weights_only=False)
+            torch.set_rng_state(r["torch"])
+            random.setstate(r["python"])
+            if r["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(r["cuda"], self.device)
+        else:
+            seed_everything(self.cfg.seed + meta["step"] + self.rank)
+        self.step, self.tokens_seen = meta["step"], meta["tokens_seen"]
+        self.total_steps = meta.get("total_steps", self.total_steps)
+        self._resumed_s = meta.get("elapsed_s", 0.0)
+        self.budget_frozen = meta.get("budget_frozen", False)
+        self._log({"event": "resumed", "step": self.step, "tokens": self.tokens_seen, "world": self.world,
+                   "saved_world": meta.get("world")})
         return True
+
+    def remove_checkpoint(self) -> None:
+        """After the stage's model is saved: its checkpoint is no longer needed."""
+        import shutil
+
+        from .parallel import barrier
+
+        barrier()
+        if self.rank == 0:
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
 
     def _log(self, rec: dict) -> None:
         if self.rank == 0:

@@ -1,0 +1,109 @@
+"""Several ranks on the CPU (torchrun, gloo): 2 ranks with FSDP2 or DDP update the student exactly as 1 rank with
+the same global batch; a run killed under 2 ranks and restarted ends where an uninterrupted one does; a
+checkpoint written at 2 ranks resumes at 1; and `torchrun -m zebra.cli run` of a tiny pipeline gives one set of
+stage folders and the KL of a 1-process run. (Per-token weighting of unequal micro-batches is in test_trainer.)"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, strategy: str, world: int, rows: int, steps: int = 6, stop_after: int = 0):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZEBRA_DEVICE": "cpu"}
+    env.pop("ZEBRA_STOP_AFTER_STEPS", None)
+    if stop_after:
+        env["ZEBRA_STOP_AFTER_STEPS"] = str(stop_after)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(free_port()),
+           str(WORKER), str(out), strategy, str(rows), str(steps)] if world > 1 else \
+          [sys.executable, str(WORKER), str(out), strategy, str(rows), str(steps)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+
+def final(out: Path) -> dict:
+    return torch.load(out / "final.pt", weights_only=False)["state"]
+
+
+def assert_same(a: dict, b: dict, tol=2e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=tol, rtol=tol, msg=k)
+
+
+@pytest.fixture(scope="module")
+def one_rank(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    r = launch(out, "fsdp", 1, rows=4)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return final(out)
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_two_ranks_update_like_one_rank_with_the_same_global_batch(one_rank, tmp_path, strategy):
+    r = launch(tmp_path, strategy, 2, rows=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same(one_rank, final(tmp_path))
+
+
+def test_kill_and_resume_under_two_ranks_equals_uninterrupted(one_rank, tmp_path):
+    r = launch(tmp_path, "fsdp", 2, rows=2, stop_after=3)  # killed after step 3; checkpoint at step 2
+    assert r.returncode != 0 and (tmp_path / "run" / "checkpoint" / "meta.pt").exists()
+    assert not (tmp_path / "final.pt").exists()
+    r = launch(tmp_path, "fsdp", 2, rows=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same(one_rank, final(tmp_path))
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"resumed"' in x]
+    assert events and events[0]["step"] == 2 and events[0]["world"] == 2
+
+
+def test_checkpoint_saved_at_two_ranks_resumes_at_one(one_rank, tmp_path):
+    r = launch(tmp_path, "fsdp", 2, rows=2, stop_after=3)
+    assert r.returncode != 0
+    r = launch(tmp_path, "fsdp", 1, rows=4)  # the same global batch on one rank
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same(one_rank, final(tmp_path), tol=1e-4)
+    events = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"resumed"' in x]
+    assert events[0]["world"] == 1 and events[0]["saved_world"] == 2
+
+
+from test_pipeline import tiny_setup, write_config  # noqa: E402,F401  (the tiny teacher + chat data fixture)
+
+
+def test_torchrun_pipeline_matches_one_process(tiny_setup, tmp_path):
+    """`torchrun --nproc-per-node 2 -m zebra.cli run` of a tiny config (FSDP2 on gloo) completes with one set of
+    stage folders written by rank 0, and the held-out KL of a 1-process run with the same global batch."""
+    base = dict(dpo={"enabled": False}, distill={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2},
+                ild={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2})
+    one = write_config(tiny_setup, "one-rank", **base)
+    half = {k: {**v, "batch_size": 1} if k in ("ild", "distill") else v for k, v in base.items()}
+    two = write_config(tiny_setup, "two-ranks", **half)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ZEBRA_DEVICE": "cpu"}
+    r1 = subprocess.run([sys.executable, "-m", "zebra.cli", "run", str(one), "--out", str(tmp_path / "a")],
+                        capture_output=True, text=True, timeout=900, env=env)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                         "-m", "zebra.cli", "run", str(two), "--out", str(tmp_path / "b")],
+                        capture_output=True, text=True, timeout=900, env=env)
+    (tmp_path / "r2.log").write_text(r2.stdout + r2.stderr)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    a, b = (json.loads((tmp_path / x / "summary.json").read_text()) for x in "ab")
+    assert b["student"]["heldout_kl"] == pytest.approx(a["student"]["heldout_kl"], rel=1e-3)
+    d = json.loads((tmp_path / "b" / "distill" / "summary.json").read_text())
+    assert d["world_size"] == 2 and d["tokens_per_step"] == 64 * 2
+    assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_dir()) == sorted(
+        p.name for p in (tmp_path / "a").iterdir() if p.is_dir())
+    assert r2.stdout.count("[zebra run] distill: done") == 1  # rank 0 alone reports

@@ -1,0 +1,145 @@
+"""Several processes, one run: process group set-up, the data-parallel wrappers (FSDP2 or DDP) around a stage's
+loss module, rank guards, and full state dicts for saving. Started the standard way:
+
+    torchrun --nproc-per-node N -m zebra.cli run CONFIG        (or `zebra run CONFIG --nproc N`)
+
+    rank, world, device = init_distributed()                  # from torchrun's environment; NCCL on GPUs, gloo on CPU
+    loss = StageLoss({"student": student}, loss_fn)            # the loss runs inside a module forward ...
+    wrapped = wrap(loss, "fsdp", mixed_precision=True)         # ... so FSDP2 / DDP see every parameter use
+    groups = regroup(groups, loss)                             # parameter groups re-pointed at the sharded params
+    state = full_state_dict(student)                           # rank 0: full tensors (for save_pretrained)
+
+FSDP2 (torch.distributed.fsdp.fully_shard): every decoder layer is its own unit (its mixer, when only the mixer
+trains: mixer-only ILD runs the mixers alone), the student's other parameters (embeddings, final norm, head) the
+root unit; bf16 compute with fp32 master weights and fp32 gradient reduction
+when mixed_precision. The frozen teacher stays outside the wrapped module (replicated, run under no_grad).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Initialises the default process group when torchrun started us (WORLD_SIZE in the
+    environment); NCCL when a GPU is there, else gloo. One process without torchrun: (0, 1, cuda or cpu)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and os.environ.get("ZEBRA_DEVICE", "") != "cpu"
+    device = torch.device(f"cuda:{local}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        # long stages run on rank 0 alone (sensitivity, evaluation) while the others wait in a barrier
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=4))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device
+    return 0, 1, device
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+@contextmanager
+def main_first():
+    """Rank 0 runs the block first (e.g. tokenising into the shared cache), the others after it."""
+    if not is_main():
+        barrier()
+    try:
+        yield
+    finally:
+        if is_main():
+            barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    if rank_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class StageLoss(nn.Module):
+    """A stage's loss as a module: forward(batch) -> (loss, n_tokens, metrics). The trained models are its
+    submodules (what FSDP2 shards and DDP synchronises); `fn` reads them inside this forward, so every parameter
+    use happens between the wrappers' hooks. The frozen teacher is captured by `fn`, not registered."""
+
+    def __init__(self, models: dict[str, nn.Module], fn):
+        super().__init__()
+        self.models = nn.ModuleDict(models)
+        self.fn = fn
+        self.count = getattr(fn, "count", None)
+
+    def forward(self, batch, call=None):
+        """The loss of `batch`; or, with call=fn, fn() (held-out evaluation during training: the models run inside
+        this forward, where FSDP2 has gathered the root parameters)."""
+        return call() if call is not None else self.fn(batch)
+
+
+def wrap(loss: StageLoss, strategy: str = "fsdp", mixed_precision: bool = True,
+         device: torch.device | None = None) -> nn.Module:
+    """The data-parallel module for a StageLoss when world > 1 (the StageLoss itself otherwise): FSDP2 (decoder layers
+    as units, the rest the root unit) or DDP."""
+    if rank_world()[1] == 1:
+        return loss
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device is not None and device.type == "cuda" else None
+        return DistributedDataParallel(loss, device_ids=ids)
+    if strategy != "fsdp":
+        raise ValueError(f"strategy must be 'fsdp' or 'ddp', got {strategy!r}")
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision
+          else MixedPrecisionPolicy())
+    for model in loss.models.values():
+        for layer in model.model.layers:
+            trained = {id(p) for p in layer.parameters() if p.requires_grad}
+            if not trained:
+                continue
+            # mixer-only ILD calls the mixers alone: then the mixer is the unit (its forward gathers it)
+            in_mixer = trained <= {id(p) for p in layer.mixer.parameters()}
+            fully_shard(layer.mixer if in_mixer and trained != {id(p) for p in layer.parameters()} else layer,
+                        mp_policy=mp)
+    fully_shard(loss, mp_policy=mp)
+    return loss
+
+
+def regroup(groups: list[dict], before: dict[int, str], module: nn.Module) -> list[dict]:
+    """Parameter groups re-pointed at `module`'s current parameters (FSDP2 replaces them with sharded ones): `before`
+    maps id(parameter) -> name as it was when the groups were made (named_parameters() of the same module)."""
+    now = {name.removeprefix("module."): p for name, p in module.named_parameters()}
+    out = []
+    for g in groups:
+        params = [now[before[id(p)]] for p in g["params"]]
+        out.append({**g, "params": params})
+    return out
+
+
+def full_state_dict(module: nn.Module) -> dict:
+    """Full (unsharded) CPU tensors on rank 0 ({} elsewhere); plain state_dict without a process group."""
+    if rank_world()[1] == 1:
+        return module.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
