@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": ("eval", "zero-/few-shot accuracy with lm-eval's tasks on the offline eval data (+ table, JSON)"),
     "report": ("report", "report.md + plots (sensitivity, accuracy vs KV, throughput) from a run folder"),
     "run": ("run", "the whole pipeline from one YAML config, resumable"),
+    "prepare": ("prepare", "tokenise a run's data once into memory-mapped shards in the cache, with progress"),
     "plan": ("plan", "per-GPU memory and time of a run's training stages for N GPUs, before loading weights"),
     "ablate": ("ablate", "recipe ablations at a fixed budget: one run per variant, shared stages reused, one table"),
     "init": ("stage", "pipeline stage: pure-MLA and pure-Mamba2 initialised students"),

@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,7 +34,8 @@ from .render import ChatRenderer, SpanStats, _end_of_turn_strings, _plain_fallba
 from .sources import Conversation, load_conversations, normalize_spec, source_fingerprint
 
 LOSS_ON = ("assistant", "all")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: memory-mapped shards (ids-K.bin, mask-K.bin, offsets.npy, meta.json) instead of one .npz
+SHARD_TOKENS = 1 << 28  # 268M tokens (512 MiB of uint16 ids) per shard
 
 
 def _backend(tok):
@@ -118,6 +119,11 @@ class TokenizedCorpus:
             h.update(np.ascontiguousarray(a).tobytes())
         return h.hexdigest()[:16]
 
+    def view(self) -> CorpusView:
+        """These documents as a CorpusView (no copy)."""
+        return CorpusView([(self.ids, self.mask)], np.zeros(len(self), np.int64), self.offsets[:-1].copy(),
+                          self.lengths, [self.fingerprint()], dict(self.stats))
+
     def save(self, path: str | os.PathLike) -> None:
         """Write atomically (temp file in the same dir + rename), so readers never see half a file."""
         path = Path(path)
@@ -139,21 +145,21 @@ class TokenizedCorpus:
             return cls(z["ids"], z["mask"], z["offsets"], stats)
 
 
-def tokenize_many(tok, convs: Iterable[Conversation], loss_on: str = "assistant",
-                  batch_size: int = 512) -> TokenizedCorpus:
-    """Tokenise conversations / plain documents (see the module doc) into a TokenizedCorpus, one document
-    per input in input order. Texts are rendered in Python and tokenised in batches by the fast backend."""
+def tokenize_stream(tok, convs: Iterable[Conversation], loss_on: str = "assistant", batch_size: int = 512,
+                    stats: SpanStats | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, loss mask) of every conversation / plain document, in input order, a batch of `batch_size` at a time
+    (rendered in Python, tokenised in batches by the fast backend): memory is bounded by one batch."""
     if loss_on not in LOSS_ON:
         raise ZebraError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
     bt = _backend(tok)
     render = ChatRenderer(tok) if getattr(tok, "chat_template", None) else None
     specials = _end_of_turn_strings(tok, render)
     eos = tok.eos_token_id
-    stats = SpanStats()
-    results: list = []  # (ids, mask) per input, in input order
+    stats = stats if stats is not None else SpanStats()
     pending: list = []  # (index, text, char spans or None for a plain document, add_special_tokens)
 
     def flush():
+        results = {}
         # the chat-rendered texts carry their special tokens already (as chat.render tokenises them);
         # plain documents and template-less chats let the tokenizer add its own (BOS, ...)
         for add_special in (False, True):
@@ -179,10 +185,11 @@ def tokenize_many(tok, convs: Iterable[Conversation], loss_on: str = "assistant"
                     if add_special:  # tokens the tokenizer adds itself have offsets (0, 0): never targets
                         mask[np.asarray(enc.special_tokens_mask, bool)] = 0
                 results[idx] = (ids, mask)
+        out = [results[p[0]] for p in sorted(pending)]
         pending.clear()
+        return out
 
     for n_conv, conv in enumerate(convs):
-        results.append(None)
         if isinstance(conv, str):
             stats.plain += 1
             pending.append((n_conv, conv, None, True))
@@ -199,16 +206,22 @@ def tokenize_many(tok, convs: Iterable[Conversation], loss_on: str = "assistant"
             text, spans = _plain_fallback_text(conv)
             pending.append((n_conv, text, spans, True))
         if len(pending) >= batch_size:
-            flush()
-    flush()
-    ids_parts = [r[0] for r in results]
-    mask_parts = [r[1] for r in results]
-    lens = [len(r[0]) for r in results]
-    flat = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
+            yield from flush()
+    yield from flush()
+
+
+def tokenize_many(tok, convs: Iterable[Conversation], loss_on: str = "assistant",
+                  batch_size: int = 512) -> TokenizedCorpus:
+    """Tokenise conversations / plain documents (see the module doc) into an in-memory TokenizedCorpus, one
+    document per input in input order (tokenize_source writes large sources to memory-mapped shards instead)."""
+    stats = SpanStats()
+    docs = list(tokenize_stream(tok, convs, loss_on, batch_size, stats))
+    lens = [len(ids) for ids, _ in docs]
+    flat = np.concatenate([ids for ids, _ in docs]) if docs else np.zeros(0, np.int64)
     vocab = max(len(tok), int(flat.max()) + 1 if flat.size else 0)
     corpus = TokenizedCorpus(
         flat.astype(np.uint16 if vocab <= 2**16 else np.int32),
-        np.concatenate(mask_parts) if mask_parts else np.zeros(0, np.uint8),
+        np.concatenate([m for _, m in docs]) if docs else np.zeros(0, np.uint8),
         np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]).astype(np.int64),
     )
     corpus.stats = {"docs": len(lens), "tokens": corpus.num_tokens, "loss_tokens": int(corpus.mask.sum()),
@@ -238,29 +251,166 @@ def _say(msg: str) -> None:
 
 
 def tokenize_source(tok, spec: dict | str, loss_on: str = "assistant", cache_dir: str | os.PathLike | None = None,
-                    verbose: bool = False) -> TokenizedCorpus:
-    """Tokenise every conversation of one source (document d = the d-th conversation of
-    `load_conversations(spec)`), cached under `cache_dir` when given."""
+                    verbose: bool = False, shard_tokens: int = SHARD_TOKENS):
+    """Tokenise every conversation of one source (document d = the d-th conversation of `load_conversations(spec)`).
+    With `cache_dir`: streamed into memory-mapped shards there (written once, in bounded memory, progress on stderr;
+    later calls map them and read nothing up front) and returned as a ShardedCorpus; without, an in-memory
+    TokenizedCorpus."""
     spec = normalize_spec(spec)
-    path = None
-    if cache_dir is not None:
-        key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tok),
-                                         "src": source_fingerprint(spec), "loss_on": loss_on},
-                                        sort_keys=True).encode()).hexdigest()[:24]
-        path = Path(cache_dir).expanduser() / f"{spec['type']}-{key}.npz"
-        if path.is_file():
-            try:
-                corpus = TokenizedCorpus.load(path)
-                if verbose:
-                    _say(f"loaded {corpus.num_tokens:,} tokens from {path}")
-                return corpus
-            except Exception as e:  # a damaged cache is rebuilt, not fatal
-                _say(f"ignoring unreadable cache {path}: {e}")
-    t0 = time.perf_counter()
-    corpus = tokenize_many(tok, load_conversations(spec), loss_on=loss_on)
-    corpus.stats["seconds"] = round(time.perf_counter() - t0, 2)
-    if verbose:
-        _say(f"tokenised {spec['type']}: {corpus.stats}")
-    if path is not None:
-        corpus.save(path)
-    return corpus
+    if cache_dir is None:
+        t0 = time.perf_counter()
+        corpus = tokenize_many(tok, load_conversations(spec), loss_on=loss_on)
+        corpus.stats["seconds"] = round(time.perf_counter() - t0, 2)
+        return corpus
+    key = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "tok": tokenizer_fingerprint(tok),
+                                     "src": source_fingerprint(spec), "loss_on": loss_on},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    path = Path(cache_dir).expanduser() / f"{spec['type']}-{key}"
+    if (path / "meta.json").is_file():
+        try:
+            corpus = ShardedCorpus(path)
+            if verbose:
+                _say(f"mapped {corpus.num_tokens:,} tokens from {path}")
+            return corpus
+        except Exception as e:  # a damaged cache is rebuilt, not fatal
+            _say(f"ignoring unreadable cache {path}: {e}")
+    dtype = np.uint16 if len(tok) <= 2**16 else np.int32
+    write_shards(path, tokenize_stream(tok, load_conversations(spec), loss_on), dtype, shard_tokens,
+                 label=f"{spec['type']} {spec.get('path') or ''}".strip())
+    return ShardedCorpus(path)
+
+
+# ---- memory-mapped shards ----------------------------------------------------------------------------
+
+
+def write_shards(path: Path, docs: Iterable[tuple[np.ndarray, np.ndarray]], dtype, shard_tokens: int = SHARD_TOKENS,
+                 label: str = "", progress_s: float = 10.0) -> dict:
+    """Append documents to shard files ids-K.bin / mask-K.bin (a document never crosses shards; a shard closes
+    once it holds shard_tokens), then write offsets.npy (per document: shard, start, length) and meta.json.
+    Written into a temporary directory beside `path` and renamed into place: readers see all of it or nothing.
+    Memory: one document batch; progress (documents, tokens, tokens/s) on stderr every `progress_s` seconds."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        index: list[tuple[int, int, int]] = []  # (shard, start, length)
+        digest = hashlib.sha256()
+        shard, in_shard, tokens, loss_tokens = 0, 0, 0, 0
+        fi, fm = open(tmp / "ids-0.bin", "wb"), open(tmp / "mask-0.bin", "wb")
+        t0 = last = time.perf_counter()
+        for ids, mask in docs:
+            n = len(ids)
+            if n == 0:
+                index.append((shard, in_shard, 0))
+                continue
+            if in_shard and in_shard + n > shard_tokens:
+                fi.close(), fm.close()
+                shard, in_shard = shard + 1, 0
+                fi, fm = open(tmp / f"ids-{shard}.bin", "wb"), open(tmp / f"mask-{shard}.bin", "wb")
+            a, m = np.asarray(ids, dtype), np.asarray(mask, np.uint8)
+            fi.write(a.tobytes()), fm.write(m.tobytes())
+            digest.update(a.tobytes()), digest.update(m.tobytes())
+            index.append((shard, in_shard, n))
+            in_shard += n
+            tokens += n
+            loss_tokens += int(m.sum())
+            now = time.perf_counter()
+            if now - last > progress_s:
+                last = now
+                _say(f"tokenising {label}: {len(index):,} documents, {tokens:,} tokens "
+                     f"({tokens / (now - t0):,.0f} tokens/s)")
+        fi.close(), fm.close()
+        np.save(tmp / "offsets.npy", np.asarray(index, np.int64).reshape(-1, 3))
+        meta = {"version": CACHE_VERSION, "dtype": np.dtype(dtype).name, "shards": shard + 1, "docs": len(index),
+                "tokens": tokens, "loss_tokens": loss_tokens, "sha256": digest.hexdigest()[:16],
+                "seconds": round(time.perf_counter() - t0, 2)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+        tmp = None
+        _say(f"tokenised {label}: {len(index):,} documents, {tokens:,} tokens in {meta['seconds']}s -> {path}")
+        return meta
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+class CorpusView:
+    """Documents of one or more corpora, read where they lie (memory-mapped shards or in-memory arrays), never
+    copied: document d is parts[part[d]][start[d] : start[d] + lengths[d]] of the ids (and of the masks).
+    select() and concat() make new views (index arrays only), so a split of a 1B-token corpus costs its index."""
+
+    def __init__(self, parts: list, part: np.ndarray, start: np.ndarray, lengths: np.ndarray, fingerprints: list,
+                 stats: dict | None = None):
+        self.parts, self.part, self.start, self.lengths = parts, part, start, lengths
+        self._fps = fingerprints
+        self.stats = stats or {}
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+    def doc(self, d: int) -> tuple[np.ndarray, np.ndarray]:
+        ids, mask = self.parts[self.part[d]]
+        a = self.start[d]
+        return ids[a:a + self.lengths[d]], mask[a:a + self.lengths[d]]
+
+    def select(self, docs) -> CorpusView:
+        docs = np.asarray(docs, np.int64)
+        return CorpusView(self.parts, self.part[docs], self.start[docs], self.lengths[docs], self._fps,
+                          dict(self.stats))
+
+    @classmethod
+    def concat(cls, views: Sequence[CorpusView]) -> CorpusView:
+        parts, fps, part, start, lengths = [], [], [], [], []
+        for v in views:
+            part.append(v.part + len(parts))
+            parts += v.parts
+            fps += v._fps
+            start.append(v.start)
+            lengths.append(v.lengths)
+        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64))  # noqa: E731
+        return cls(parts, cat(part), cat(start), cat(lengths), fps)
+
+    def fingerprint(self) -> str:
+        """What the documents are (their parts' content hashes) and which, in which order: cheap for any size."""
+        h = hashlib.sha256(json.dumps(self._fps).encode())
+        for a in (self.part, self.start, self.lengths):
+            h.update(np.ascontiguousarray(a).tobytes())
+        return h.hexdigest()[:16]
+
+
+class ShardedCorpus(CorpusView):
+    """A tokenised source in memory-mapped shards (write_shards): nothing is read until rows are built from it."""
+
+    def __init__(self, path: str | os.PathLike):
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text())
+        if meta.get("version") != CACHE_VERSION:
+            raise ZebraError(f"{path}: cache version {meta.get('version')}, expected {CACHE_VERSION}")
+        index = np.load(path / "offsets.npy")
+        dtype = np.dtype(meta["dtype"])
+        parts = []
+        for k in range(meta["shards"]):
+            f = path / f"ids-{k}.bin"
+            size = f.stat().st_size // dtype.itemsize
+            if size == 0:  # an empty shard cannot be mapped
+                parts.append((np.zeros(0, dtype), np.zeros(0, np.uint8)))
+                continue
+            parts.append((np.memmap(f, dtype=dtype, mode="r", shape=(size,)),
+                          np.memmap(path / f"mask-{k}.bin", dtype=np.uint8, mode="r", shape=(size,))))
+        if int(index[:, 2].sum()) != meta["tokens"]:
+            raise ZebraError(f"{path}: offsets and meta.json disagree")
+        super().__init__(parts, index[:, 0], index[:, 1], index[:, 2], [meta["sha256"]],
+                         {k: meta[k] for k in ("docs", "tokens", "loss_tokens", "seconds")})
+        self.path = path
+
+
+def as_view(corpus) -> CorpusView:
+    return corpus if isinstance(corpus, CorpusView) else corpus.view()

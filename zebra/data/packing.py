@@ -42,7 +42,10 @@ import torch
 from ..errors import ZebraError
 from .corpus import (  # noqa: F401  (re-exported: the data pipeline's one import)
     LOSS_ON,
+    CorpusView,
+    ShardedCorpus,
     TokenizedCorpus,
+    as_view,
     _say,
     tokenize_conversation,
     tokenize_many,
@@ -56,9 +59,10 @@ from .split import ild_kd_part, split_ild_kd  # noqa: F401  (re-exported)
 class _Rows:
     """Row r of a packing is the token range [r*T, (r+1)*T) of the documents laid end to end: epoch 0's
     order, then epoch 1's, ... (cycling) or epoch 0 only, then padding (finite). Any row can be built
-    directly, so skipping ahead costs nothing."""
+    directly from the corpus view (memory-mapped shards are read only where a row lies), so skipping ahead
+    costs nothing."""
 
-    def __init__(self, corpus: TokenizedCorpus, seq_len: int, seed: int, shuffle: bool, cycle: bool, pad_id: int):
+    def __init__(self, corpus: CorpusView, seq_len: int, seed: int, shuffle: bool, cycle: bool, pad_id: int):
         if seq_len < 1:
             raise ZebraError(f"seq_len must be positive, got {seq_len}")
         if corpus.num_tokens == 0:
@@ -80,12 +84,11 @@ class _Rows:
         return self._epochs[e]
 
     def rows(self, start: int, n: int) -> dict[str, np.ndarray]:
-        T = self.T
+        T, c = self.T, self.c
         ids = np.full((n, T), self.pad, np.int64)
         doc = np.zeros((n, T), np.int64)
         mask = np.zeros((n, T), np.int64)
         attn = np.zeros((n, T), np.int64)
-        offsets, cids, cmask = self.c.offsets, self.c.ids, self.c.mask
         for i in range(n):
             g, pos, did = (start + i) * T, 0, 0
             while pos < T:
@@ -97,7 +100,8 @@ class _Rows:
                 j = int(np.searchsorted(cum, q, side="right")) - 1
                 d, off = perm[j], q - cum[j]
                 take = int(min(cum[j + 1] - q, T - pos))
-                a = offsets[d] + off
+                cids, cmask = c.parts[c.part[d]]
+                a = c.start[d] + off
                 ids[i, pos:pos + take] = cids[a:a + take]
                 mask[i, pos:pos + take] = cmask[a:a + take]
                 mask[i, pos] = 0  # a piece's first token has nothing before it in this row to predict it from
@@ -117,8 +121,8 @@ def pack(examples: Iterable[tuple[Sequence[int], Sequence[int]]] | TokenizedCorp
          pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Pack (ids, loss_mask) documents, in order, into rows of exactly `seq_len` (see the module doc):
     a dict of (R, seq_len) LongTensors input_ids / doc_ids / loss_mask / attention_mask, R = ceil(N / seq_len)."""
-    corpus = examples if isinstance(examples, TokenizedCorpus) else TokenizedCorpus.from_examples(examples)
-    r = _Rows(corpus, seq_len, seed=0, shuffle=False, cycle=False, pad_id=pad_id)
+    corpus = examples if isinstance(examples, (TokenizedCorpus, CorpusView)) else TokenizedCorpus.from_examples(examples)
+    r = _Rows(as_view(corpus), seq_len, seed=0, shuffle=False, cycle=False, pad_id=pad_id)
     return _to_torch(r.rows(0, r.epoch_rows))
 
 
@@ -146,11 +150,12 @@ class PackedStream:
       computed directly from their position).
     """
 
-    def __init__(self, corpus: TokenizedCorpus, seq_len: int = 2048, batch_size: int = 1, seed: int = 0,
+    def __init__(self, corpus: TokenizedCorpus | CorpusView, seq_len: int = 2048, batch_size: int = 1, seed: int = 0,
                  max_tokens: int | None = None, shuffle: bool = True, pad_id: int = 0,
-                 rank: int | None = None, world: int | None = None):
+                 rank: int | None = None, world: int | None = None, prefetch: int = 2):
         if batch_size < 1:
             raise ZebraError(f"batch_size must be positive, got {batch_size}")
+        corpus = as_view(corpus)
         self.corpus, self.seq_len, self.batch_size, self.seed = corpus, seq_len, batch_size, seed
         self.max_tokens = max_tokens
         self.rank, self.world = _dist_default(rank, world)
@@ -166,6 +171,7 @@ class PackedStream:
             self.rounds = -(-max_tokens // (batch_size * seq_len * self.world))
             self.total_rows = self.rounds * self.world * batch_size
         self.row = 0  # global rows consumed (all ranks)
+        self.prefetch = prefetch  # batches built ahead by a background thread
         self._fingerprint = None
         self._warned_repeat = False
 
@@ -207,23 +213,71 @@ class PackedStream:
                                  f"{state[k]!r} (resuming needs the same data, seq_len, global batch and seed)")
         self.row = int(state["rows"])
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def _positions(self):
+        """(row counter after the batch, first row, rows) of every batch this rank has still to produce."""
         B, W = self.batch_size, self.world
-        while True:
-            rnd = self.row // (B * W)
-            if rnd >= self.rounds:
-                return
-            start = self.row + self.rank * B
+        row = self.row
+        while row // (B * W) < self.rounds:
+            start = row + self.rank * B
             n = min(B, self.total_rows - start)
             if n <= 0:
                 return
-            if not self._warned_repeat and (start + n) > self._rows.epoch_rows and self._rows.cycle:
-                self._warned_repeat = True
-                _say(f"the token budget ({self.max_tokens:,}) is {self.epochs:.2f} passes over the data: "
-                     "repeating it (reshuffled each pass)")
-            batch = _to_torch(self._rows.rows(start, n))
-            self.row += B * W  # before yielding: a checkpoint taken now resumes after this batch
-            yield batch
+            row += B * W
+            yield row, start, n
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches in order; with prefetch > 0 a background thread builds the next ones (reading the memory-mapped
+        corpus) while the caller trains. The stream's position (state_dict) advances as batches are handed out,
+        so a checkpoint taken after a batch resumes with the next one whatever was prefetched."""
+        positions = self._positions()
+        if self.prefetch <= 0:
+            for row, start, n in positions:
+                batch = self._batch(start, n)
+                self.row = row  # before yielding: a checkpoint taken now resumes after this batch
+                yield batch
+            return
+        import queue
+        import threading
+
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = threading.Event()
+
+        def produce():
+            try:
+                for row, start, n in positions:
+                    item = (row, self._batch(start, n))
+                    while not stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # noqa: BLE001  (re-raised in the consumer)
+                q.put(e)
+
+        t = threading.Thread(target=produce, daemon=True, name="zebra-prefetch")
+        t.start()
+        try:
+            while True:
+                item = q.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                self.row = item[0]
+                yield item[1]
+        finally:
+            stop.set()
+
+    def _batch(self, start: int, n: int) -> dict[str, torch.Tensor]:
+        if not self._warned_repeat and (start + n) > self._rows.epoch_rows and self._rows.cycle:
+            self._warned_repeat = True
+            _say(f"the token budget ({self.max_tokens:,}) is {self.epochs:.2f} passes over the data: "
+                 "repeating it (reshuffled each pass)")
+        return _to_torch(self._rows.rows(start, n))
 
 
 def build_dataset(tok, sources, seq_len: int = 2048, split: str = "kd", seed: int = 0,
@@ -243,13 +297,13 @@ def build_dataset(tok, sources, seq_len: int = 2048, split: str = "kd", seed: in
         raise ZebraError("no data sources given")
     parts = []
     for spec in sources:
-        corpus = tokenize_source(tok, spec, loss_on=loss_on, cache_dir=cache_dir, verbose=verbose)
+        corpus = as_view(tokenize_source(tok, spec, loss_on=loss_on, cache_dir=cache_dir, verbose=verbose))
         if split != "all":
             salt = source_key(spec)
             keep = [d for d in range(len(corpus)) if ild_kd_part(d, ild_fraction, split_seed, salt) == split]
             corpus = corpus.select(keep)
         parts.append(corpus)
-    corpus = TokenizedCorpus.concat(parts)
+    corpus = CorpusView.concat(parts)
     if corpus.num_tokens == 0:
         raise ZebraError(f"the {split} part of the data is empty")
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
