@@ -26,7 +26,7 @@ import torch
 
 from .errors import ZebraError
 from .runconfig import DEFAULTS, load_config  # noqa: F401  (re-exported: zebra.pipeline.load_config)
-from .stages.parallel import barrier
+from .stages.parallel import barrier, broadcast_object
 
 _PROXY: dict = {}  # (teacher, tasks, limit) -> (QuickMC, the teacher's scores)
 STAGES = ["init", "ild", "sensitivity", "smart", "compose", "distill", "pairs", "dpo", "eval", "report"]
@@ -596,7 +596,8 @@ class Run:
         for name in STAGES:
             if only and name not in only:
                 continue
-            if self.done(name) and name != "report":
+            # rank 0 decides (broadcast): another rank looking at DONE itself could race rank 0 finishing a stage
+            if broadcast_object(self.done(name)) and name != "report":
                 self._say(f"{name}: done, skipping")
                 continue
             if name == "distill" and not (only and "eval" not in only) and self.rank == 0:
