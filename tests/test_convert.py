@@ -514,3 +514,26 @@ def test_mla_layers_required_without_attention_layers(tmp_path, capsys):
     save_teacher(tmp_path / "t")
     rc, out, err = convert_cli(tmp_path / "t", tmp_path / "s", capsys)
     assert rc == 2 and "--mla-layers is required" in err and not (tmp_path / "s").exists()
+
+
+def test_save_model_dtype_leaves_the_model_alone(tmp_path, capsys):
+    """save_model(dtype=bfloat16) writes bf16 tensors (half the bytes) that load back to the rounded weights, and
+    does not change the in-memory fp32 model that training goes on with."""
+    from safetensors import safe_open
+
+    from zebra.convert.build import save_model
+    from zebra.model.hybrid import ZebraForCausalLM
+
+    save_teacher(tmp_path / "t")
+    rc, _, err = convert_cli(tmp_path / "t", tmp_path / "c", capsys, "--mla-layers", "0", "--kv-rank", "32")
+    assert rc == 0, err
+    model = ZebraForCausalLM.from_pretrained(tmp_path / "c")
+    save_model(model, None, tmp_path / "bf16", {"stage": "test"}, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    files = list((tmp_path / "bf16").glob("*.safetensors"))
+    assert files
+    with safe_open(str(files[0]), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    back = ZebraForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    for (k, p), q in zip(model.state_dict().items(), back.state_dict().values()):
+        torch.testing.assert_close(q, p.to(torch.bfloat16).float(), msg=k)

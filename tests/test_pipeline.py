@@ -78,6 +78,12 @@ def test_full_run_then_interrupted_run_resumes_to_identical_weights(tiny_setup, 
     assert top["student"]["kv_percent"] == pytest.approx(smart_kv(cfg))
     assert top["student"]["heldout_kl"] > 0 and top["teacher"]["plaintext_ppl"] > 1 and top["total_seconds"] > 0
     assert set(top["stage_seconds"]) >= {"init", "ild", "distill", "eval"}
+    # the run's products in bf16 (save_dtype's default), the ILD pools the next stages train from in fp32
+    from safetensors.torch import load_file
+
+    for stage, dtype in (("dpo/model", torch.bfloat16), ("distill/model", torch.bfloat16),
+                         ("ild/mla", torch.float32), ("compose/model", torch.float32)):
+        assert {t.dtype for t in load_file(str(root / "run-a" / stage / "model.safetensors")).values()} == {dtype}
 
     run_b = root / "run-b"
     monkeypatch.setenv("ZEBRA_STOP_AFTER_STEPS", "2")

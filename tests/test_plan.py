@@ -48,6 +48,8 @@ def test_plan_counts_state_bytes_and_shards_them(tmp_path):
     ild = next(s for s in one["stages"] if s["stage"] == "ild")
     assert ild["trains"] == "layers" and ild["trained_params"] < ild["student_params"]  # embeddings / head frozen
     assert d1["fits"] and not plan(path, 1, gpu_mem_gib=1e-3)["stages"][1]["fits"]
+    # the teacher is replicated on every rank (not sharded), whatever N
+    assert d4["gib"]["teacher"] == pytest.approx(d1["gib"]["teacher"]) and d4["teacher_mode"] == "replicated"
 
 
 def test_plan_cli_for_the_paper_8b_recipe_on_8_gpus(tmp_path, capsys):

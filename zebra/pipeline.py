@@ -67,6 +67,7 @@ class Run:
         else:
             self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if dev == "auto" else dev)
         self.compile = want_compile(cfg["compile"], self.device)
+        self.save_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[cfg["save_dtype"]]
         self._teachers: dict = {}
         self._heldout = None
         self.tok = None
@@ -242,9 +243,11 @@ class Run:
         trainer.remove_checkpoint()
         return summary, states
 
-    def _save_trained(self, model, state: dict, source: Path, out: Path, report: dict):
+    def _save_trained(self, model, state: dict, source: Path, out: Path, report: dict, final: bool = True):
         """Rank 0: save a trained model; with several ranks from its gathered full state (a fresh unsharded copy of
-        the stage's input model takes the weights). Returns the unsharded model on rank 0, None elsewhere."""
+        the stage's input model takes the weights). The run's products (distill, dpo) are written in `save_dtype`
+        (bf16 by default), the ILD pools in fp32 (the next stages train from them). Returns the unsharded model
+        on rank 0, None elsewhere."""
         from .convert.build import save_model
 
         if self.rank != 0:
@@ -252,7 +255,7 @@ class Run:
         if self.world > 1:
             model = self.load(source)
             model.load_state_dict(state)
-        save_model(model, self.tokenizer(), out, report)
+        save_model(model, self.tokenizer(), out, report, dtype=self.save_dtype if final else None)
         return model
 
     def run_ild(self):
@@ -271,7 +274,8 @@ class Run:
                                                                       st["grad_checkpointing"]),
                                       groups, self.stream("ild", st), self.train_config(st, st["tokens"]))
         for k, m in students.items():
-            self._save_trained(m, states.get(k), self.stage_dir("init") / k, d / k, {"stage": "ild", "pool": k})
+            self._save_trained(m, states.get(k), self.stage_dir("init") / k, d / k, {"stage": "ild", "pool": k},
+                               final=False)
         return summary
 
     def run_sensitivity(self):

@@ -30,6 +30,7 @@ DEFAULTS = {
     "device": "auto",
     "compile": "auto",  # torch.compile the decoder layers while training: auto (= on CUDA), true, false
     "parallel": "fsdp",  # several ranks (torchrun): "fsdp" (FSDP2, sharded) or "ddp" (replicated)
+    "save_dtype": "bfloat16",  # the distilled / DPO models on disk: bfloat16 or float32 (ILD pools stay fp32)
     "student": {"num_mla": 6, "placement": "smart", "mla_layers": None, "attention_layers": None, "kv_budget": None, "kv_rank": 64,
                 "q_rank": None, "rope_dim": 32, "nope_dim": None,
                 "rope_select": "freq",  # MLA RoPE: the teacher's fastest rotary pairs ("norm", "last": the paper)
@@ -75,6 +76,7 @@ TYPES = {
 CHOICES = {
     "compile": ("auto", True, False),
     "parallel": ("fsdp", "ddp"),
+    "save_dtype": ("bfloat16", "float32"),
     "ild.mode": ("mixers", "full"),
     "ild.schedule": ("cosine", "wsd"),
     "distill.schedule": ("cosine", "wsd"),

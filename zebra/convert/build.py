@@ -274,12 +274,17 @@ def build_student(teacher: str, mla_layers, attention_layers=None, kv_rank=layou
         n_h, n_kv, d_h, d_r = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.qk_rope_head_dim
         inv_freq = rope_inv_freq(cfg.rope_config, d_h)
 
-        def pairs(i):
+        rope_pairs = {}
+        for i, t in enumerate(cfg.mixer_types):
+            if t != "mla":
+                continue
             if rope_select == "freq":
-                return rope_pairs_by_frequency(inv_freq, d_r)
-            return rope_pairs_by_norm(state[f"model.layers.{i}.self_attn.q_proj.weight"],
-                                      state[f"model.layers.{i}.self_attn.k_proj.weight"], n_h, n_kv, d_h, d_r)
-        cfg.mla_rope_pairs = {str(i): pairs(i) for i, t in enumerate(cfg.mixer_types) if t == "mla"} or None
+                rope_pairs[str(i)] = rope_pairs_by_frequency(inv_freq, d_r)
+            else:
+                rope_pairs[str(i)] = rope_pairs_by_norm(state[f"model.layers.{i}.self_attn.q_proj.weight"],
+                                                        state[f"model.layers.{i}.self_attn.k_proj.weight"],
+                                                        n_h, n_kv, d_h, d_r)
+        cfg.mla_rope_pairs = rope_pairs or None
 
     from ..model.hybrid import ZebraForCausalLM  # heavy import, only once the cheap checks passed
 
@@ -319,8 +324,14 @@ def build_student(teacher: str, mla_layers, attention_layers=None, kv_rank=layou
     return model, tokenizer, report
 
 
-def save_model(model, tokenizer, out_dir, report: dict | None = None, force: bool = True) -> None:
-    """Save a (stage's) model atomically: temp dir beside out_dir, then rename."""
+def save_model(model, tokenizer, out_dir, report: dict | None = None, force: bool = True,
+               dtype: torch.dtype | None = None) -> None:
+    """Save a (stage's) model atomically: temp dir beside out_dir, then rename; in `dtype` when given (the model
+    itself is not changed)."""
+    if dtype is not None and any(p.dtype != dtype for p in model.parameters()):
+        import copy
+
+        model = copy.deepcopy(model).to(dtype)
     _save_atomically(Path(out_dir), force, model, tokenizer, report if report is not None else {})
 
 
