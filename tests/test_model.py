@@ -52,6 +52,14 @@ def test_token_by_token_decode_equals_full_forward(layout):
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-4)
 
 
+def prefill_then_steps(model, ids, n_prefill):
+    """Logits of a cached prefill of the first n_prefill tokens, then one token per step through the same cache."""
+    cache = ZebraCache(model.config)
+    pre = model(ids[:, :n_prefill], past_key_values=cache).logits
+    steps = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(n_prefill, ids.shape[1])]
+    return torch.cat([pre] + steps, 1)
+
+
 def test_gate_bias_decode_equals_full_forward_and_changes_the_output():
     """Mamba2 with a gate bias (mamba_z_bias, the constant-gate init): cached decode == full forward, and the bias
     is actually applied (zeroing it changes the logits)."""
@@ -59,10 +67,7 @@ def test_gate_bias_decode_equals_full_forward_and_changes_the_output():
     ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = ZebraCache(model.config)
-        pre = model(ids[:, :4], past_key_values=cache).logits
-        steps = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(4, 9)]
-        torch.testing.assert_close(torch.cat([pre] + steps, 1), full, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(prefill_then_steps(model, ids, 4), full, atol=1e-5, rtol=1e-4)
         for layer in model.model.layers:
             if layer.mixer_type == "mamba2":
                 layer.mamba.z_bias.zero_()
@@ -76,10 +81,8 @@ def test_prefill_then_decode_equals_full_forward(layout):
     ids = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full = model(ids, use_cache=False).logits
-        cache = ZebraCache(model.config)
-        pre = model(ids[:, :7], past_key_values=cache).logits
-        steps = [model(ids[:, t:t + 1], past_key_values=cache).logits for t in range(7, 12)]
-    torch.testing.assert_close(torch.cat([pre] + steps, 1), full, atol=1e-5, rtol=1e-4)
+        cached = prefill_then_steps(model, ids, 7)
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
