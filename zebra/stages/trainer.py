@@ -19,11 +19,13 @@ loop only needs `parameters()` and the loss function.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -216,7 +218,8 @@ class Trainer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        dcp.save(self._dcp_state(), checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save(self._dcp_state(), checkpoint_id=str(tmp))
         torch.save({"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None},
                    tmp / f"rng-{self.rank}.pt")
@@ -251,7 +254,8 @@ class Trainer:
             return False
         meta = torch.load(self.ckpt_dir / "meta.pt", map_location="cpu", weights_only=False)
         state = self._dcp_state()
-        dcp.load(state, checkpoint_id=str(self.ckpt_dir))
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(self.ckpt_dir))
         opts = StateDictOptions(ignore_frozen_params=True, strict=False)
         set_model_state_dict(self.model, state["model"], options=opts)
         set_optimizer_state_dict(self.model, self.opt, state["optim"], options=opts)
@@ -417,3 +421,12 @@ class Trainer:
                    "warmup_steps": self.warmup, "schedule": self.cfg.schedule}
         self._log({"event": "done", **summary})
         return summary
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """torch.distributed.checkpoint warns on every save / load without a process group ("assuming the intent is
+    to save in a single process"): that is what we intend, so the warning is dropped."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is (disabled, )?unavailable or uninitialized")
+        yield
