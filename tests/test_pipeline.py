@@ -170,3 +170,17 @@ def test_ablations_reuse_shared_stages_and_tabulate(tiny_setup, tmp_path):
     with pytest.raises(ZebraError, match="variant 'x'"):
         run_ablations(bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_one_default_for_the_student_geometry():
+    """`zebra run` and `zebra convert` build the same student when neither is told the ranks."""
+    from zebra.cli import build_parser
+    from zebra.runconfig import DEFAULTS
+
+    args = build_parser().parse_args(["convert", "--teacher", "t", "--out", "o", "--mla-layers", "0"])
+    s = DEFAULTS["student"]
+    assert (s["kv_rank"], s["q_rank"], s["nope_dim"]) == (args.kv_rank, args.q_rank, args.nope_dim)
+    # convert's rope default is min(DEFAULT_ROPE_DIM, head_dim / 2), the same for every head_dim >= 64
+    from zebra.convert.layout import DEFAULT_ROPE_DIM
+
+    assert args.rope_dim in (None, DEFAULT_ROPE_DIM) and s["rope_dim"] == DEFAULT_ROPE_DIM

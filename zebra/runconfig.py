@@ -14,6 +14,7 @@ import copy
 import math
 from pathlib import Path
 
+from .convert.layout import DEFAULT_KV_RANK, DEFAULT_ROPE_DIM
 from .errors import ZebraError
 
 # Table 1 of the paper less RACE (not in the offline data)
@@ -31,8 +32,8 @@ DEFAULTS = {
     "compile": "auto",  # torch.compile the decoder layers while training: auto (= on CUDA), true, false
     "parallel": "fsdp",  # several ranks (torchrun): "fsdp" (FSDP2, sharded) or "ddp" (replicated)
     "save_dtype": "bfloat16",  # the distilled / DPO models on disk: bfloat16 or float32 (ILD pools stay fp32)
-    "student": {"num_mla": 6, "placement": "smart", "mla_layers": None, "attention_layers": None, "kv_budget": None, "kv_rank": 64,
-                "q_rank": None, "rope_dim": 32, "nope_dim": None,
+    "student": {"num_mla": 6, "placement": "smart", "mla_layers": None, "attention_layers": None, "kv_budget": None,
+                "kv_rank": DEFAULT_KV_RANK, "q_rank": None, "rope_dim": DEFAULT_ROPE_DIM, "nope_dim": None,  # = zebra convert's
                 "rope_select": "freq",  # MLA RoPE: the teacher's fastest rotary pairs ("norm", "last": the paper)
                 "conv_init": "identity",  # Mamba2 short conv as the identity ("random": Mamba2's default)
                 "gate_init": "constant",  # Mamba2 gate constant at init ("random": Mamba2's default)
