@@ -300,3 +300,23 @@ def test_generate_feeds_one_new_token_per_step(layout):
         for _ in range(6):
             seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], 1)
     assert torch.equal(out, seq)
+
+
+def test_doc_segments_are_cu_seqlens_padded_to_a_bucket(monkeypatch):
+    """doc_segments gives flash attention's cu_seqlens of the flattened batch (checked against the document
+    lengths counted by hand), padded with empty documents to a power-of-two length so a compiled layer sees few
+    distinct shapes; ZEBRA_VARLEN_BUCKET=0 turns the padding off."""
+    from zebra.model.common import doc_segments
+
+    doc = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2, 2, 2], [5, 5, 6, 6, 6, 6, 6, 6, 7, 7]])
+    exact = [0, 3, 5, 10, 12, 18, 20]  # row 0: 3, 2, 5 tokens; row 1 (offset 10): 2, 6, 2
+    got = doc_segments(doc, bucket=False)
+    assert got.dtype == torch.int32 and got.tolist() == exact
+    padded = doc_segments(doc)
+    assert padded.tolist() == exact + [20]  # 7 -> 8 entries, the extra document is empty
+    lengths = padded.diff()
+    assert lengths.sum().item() == doc.numel() and (lengths >= 0).all()
+    many = torch.arange(20).repeat_interleave(2)[None]  # 20 documents of 2 tokens -> 21 entries -> 32
+    assert doc_segments(many).numel() == 32 and doc_segments(many)[21:].eq(40).all()
+    monkeypatch.setenv("ZEBRA_VARLEN_BUCKET", "0")
+    assert doc_segments(doc).tolist() == exact

@@ -99,3 +99,44 @@ def test_compiled_layers_equal_eager():
     assert abs(res[0][0] - res[1][0]) / res[0][0] < 2e-2
     for a, b in zip(res[0][1], res[1][1]):
         assert rel(b, a) < 5e-2
+
+
+def test_compiled_layer_does_not_recompile_for_each_document_count(monkeypatch):
+    """Packed batches with different document counts in one bucket reuse the compiled layer (no new graph), and
+    the padded cu_seqlens (empty documents at the end) give the logits and gradients of the exact ones."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from zebra.stages.fastpath import compile_layers
+
+    def batch(n_docs):
+        ids = torch.randint(0, 97, (2, 128), device="cuda", generator=torch.Generator("cuda").manual_seed(n_docs))
+        cuts = torch.linspace(0, 128, n_docs + 1, device="cuda")[1:-1].long()
+        doc = torch.zeros(2, 128, dtype=torch.long, device="cuda")
+        for c in cuts:
+            doc[:, c:] += 1
+        return ids, doc
+
+    def run(model, n_docs):
+        model.zero_grad(set_to_none=True)
+        ids, doc = batch(n_docs)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits = model(ids, doc_ids=doc).logits
+        logits.float().square().mean().backward()
+        return logits.float(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    model = tiny_model(["mla", "mamba2", "attention"], seed=4).cuda().train()
+    monkeypatch.setenv("ZEBRA_VARLEN_BUCKET", "0")
+    exact = run(model, 5)
+    monkeypatch.setenv("ZEBRA_VARLEN_BUCKET", "1")
+    padded = run(model, 5)  # 2 rows x 5 documents = 10 pieces -> cu_seqlens of 11 -> 16
+    assert rel(padded[0], exact[0]) < 1e-2
+    for a, b in zip(padded[1], exact[1]):
+        assert rel(a, b) < 2e-2
+    torch._dynamo.reset()
+    compile_layers(model)
+    run(model, 5)
+    graphs = counters["stats"]["unique_graphs"]
+    for n in (6, 7, 4):  # 8 .. 14 pieces: the same bucket of 16
+        run(model, n)
+    assert counters["stats"]["unique_graphs"] == graphs

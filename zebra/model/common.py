@@ -123,14 +123,23 @@ def apply_rope(x, cos, sin):
 
 
 # ---- attention over packed documents ---------------------------------------------------------------
-def doc_segments(doc_ids: torch.Tensor) -> torch.Tensor:
+def doc_segments(doc_ids: torch.Tensor, bucket: bool | None = None) -> torch.Tensor:
     """Start offsets of every document piece of every row in the flattened (B*T) batch, plus B*T at the end:
-    (n + 1,) int32, the cu_seqlens of flash attention's variable-length kernels."""
+    (n + 1,) int32, the cu_seqlens of flash attention's variable-length kernels.
+
+    bucket (default: on unless ZEBRA_VARLEN_BUCKET=0): pad to a power-of-two length (at least 8) by repeating B*T,
+    i.e. empty documents at the end, which the kernels skip. A compiled decoder layer guards on this tensor's
+    length, so without buckets every new document count of a batch is a recompile (dozens per run, until dynamo's
+    cache limit sends the layer back to eager mode); with them a run sees a handful of lengths."""
     B, T = doc_ids.shape
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
     starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     idx = torch.nonzero(starts.flatten(), as_tuple=False).flatten()
-    return torch.cat([idx, idx.new_tensor([B * T])]).to(torch.int32)
+    if bucket is None:
+        bucket = os.environ.get("ZEBRA_VARLEN_BUCKET", "1") != "0"
+    n = idx.numel() + 1
+    size = max(8, 1 << (n - 1).bit_length()) if bucket else n
+    return torch.cat([idx, idx.new_full((size - idx.numel(),), B * T)]).to(torch.int32)
 
 
 def varlen_available(device: torch.device) -> bool:

@@ -48,7 +48,10 @@ def _elementwise(device: torch.device):
         return _kl_and_grad
     if "cuda" not in _COMPILED:
         try:
-            _COMPILED["cuda"] = torch.compile(_kl_and_grad, dynamic=False)
+            # dynamic=None: the first chunk shape is compiled static, a second row count (the last chunk of a
+            # batch, whose size varies with the tokens the loss counts) makes the row dimension symbolic once;
+            # dynamic=False would compile every distinct remainder anew until dynamo's cache limit
+            _COMPILED["cuda"] = torch.compile(_kl_and_grad, dynamic=None)
         except Exception:  # noqa: BLE001  (no compiler available: eager is correct, just slower)
             _COMPILED["cuda"] = _kl_and_grad
     return _COMPILED["cuda"]
