@@ -91,6 +91,29 @@ def test_table_arithmetic():
     assert "student" in md and "5.00" in md
 
 
+def test_per_task_percent_of_the_teacher_and_the_dev_average():
+    """Per task % of the teacher, and the dev average over the tasks where the teacher is above chance: WinoGrande
+    at 50.5 +- 1.4 (chance 50) is left out, ARC-E (chance 25) and PIQA (chance 50) stay. Hand-computed values."""
+    tasks = ["arc_easy", "piqa", "winogrande"]
+    models = [{"model": "teacher", "results": {"arc_easy": {"score": 0.5, "score_stderr": 0.02},
+                                               "piqa": {"score": 0.7}, "winogrande": {"score": 0.505, "score_stderr": 0.014}}},
+              {"model": "student", "results": {"arc_easy": {"score": 0.42}, "piqa": {"score": 0.75},
+                                               "winogrande": {"score": 0.52}}}]
+    rows = summarize(models, tasks, reference=0)
+    s = rows[1]
+    assert s["scores"] == pytest.approx({"arc_easy": 42.0, "piqa": 75.0, "winogrande": 52.0})
+    assert s["task_percent_of_reference"] == pytest.approx({"arc_easy": 84.0, "piqa": 75 / 0.7, "winogrande": 5200 / 50.5})
+    assert s["dev_tasks"] == ["arc_easy", "piqa"]
+    assert s["dev_percent_of_reference"] == pytest.approx(100 * 58.5 / 60.0)
+    assert s["percent_of_reference"] == pytest.approx(100 * 169 / 170.5)
+    md = markdown_table(rows, tasks)
+    assert "| student | 84.0 | 107.1 | 103.0 | 97.5 |" in md and "dev avg (ARC-E, PIQA)" in md
+    # a teacher at chance everywhere: no dev tasks, no dev average
+    flat = summarize([{"model": "t", "results": {"piqa": {"score": 0.51}}},
+                      {"model": "s", "results": {"piqa": {"score": 0.5}}}], ["piqa"])
+    assert flat[1]["dev_tasks"] == [] and flat[1]["dev_percent_of_reference"] is None
+
+
 def test_clear_errors(tmp_path, capsys):
     """Unknown task, missing data, a model that cannot load: exit 2 with a message naming the problem."""
     with pytest.raises(ZebraError, match="nope"):

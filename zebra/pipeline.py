@@ -565,7 +565,9 @@ class Run:
         if "proxy" in ev:
             summary["proxy"] = ev["proxy"]
         if "lm_eval" in ev:
-            summary["lm_eval"] = {r["model"]: {k: r.get(k) for k in ("scores", "average", "percent_of_reference")}
+            summary["lm_eval"] = {r["model"]: {k: r.get(k) for k in ("scores", "average", "percent_of_reference",
+                                                                    "task_percent_of_reference", "dev_tasks",
+                                                                    "dev_percent_of_reference")}
                                   for r in ev["lm_eval"]["models"]}
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
 

@@ -112,7 +112,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, head: str |
     """Write OUT/report.md and OUT/plots/*.png; returns the report path. head: markdown that opens the report (a
     pipeline run's own section, zebra.stages.report.render_report), in place of the generic title."""
     from ..eval.plots import plot_accuracy_vs_kv, plot_sensitivity, plot_throughput
-    from ..eval.table import markdown_table
+    from ..eval.table import markdown_table, summarize
 
     root = Path(run_dir)
     if not root.is_dir():
@@ -151,10 +151,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, head: str |
         for path, data in found["eval"]:
             md += [f"From `{_rel(path, out)}` (lm-eval {data.get('lm_eval_version', '?')}, limit {data.get('limit')}, "
                    f"few-shot {data.get('num_fewshot')}):", ""]
-            table = data.get("table_markdown")
-            if not table:
-                tasks = list(data.get("tasks") or {})
-                table = markdown_table(data["models"], tasks)
+            tasks = list(data.get("tasks") or {})
+            if tasks and all("results" in m for m in data["models"]):  # from the scores: tables of older JSON too
+                ref = next((i for i, m in enumerate(data["models"]) if m.get("is_reference")), 0)
+                table = markdown_table(summarize(data["models"], tasks, ref), tasks)
+            else:
+                table = data.get("table_markdown") or markdown_table(data["models"], tasks)
             md += [table, ""]
             for m in data["models"]:
                 points.append({"model": m.get("model"), "kv_percent": m.get("kv_percent"), "average": m.get("average")})

@@ -45,8 +45,32 @@ def percent_of(value: float | None, reference: float | None) -> float | None:
     return 100.0 * value / reference
 
 
+# Chance accuracy (%) of each task's default metric: 1 / number of choices (BoolQ: yes / no).
+CHANCE = {
+    "arc_challenge": 25.0, "arc_easy": 25.0, "hellaswag": 25.0, "mmlu": 25.0, "openbookqa": 25.0,
+    "piqa": 50.0, "winogrande": 50.0, "boolq": 50.0,
+}
+
+
+def above_chance(reference: dict, tasks: list[str], margin: float = 3.0) -> list[str]:
+    """The tasks on which the reference model scores clearly above chance: by more than two standard errors of its
+    score when lm-eval gave one, else by `margin` points. A small teacher is at chance on some tasks (SmolLM2-135M:
+    WinoGrande, MMLU); there "% of the teacher" measures noise, so the dev average leaves them out."""
+    out = []
+    for t in tasks:
+        s, chance = task_score(reference, t), CHANCE.get(t)
+        if s is None or chance is None:
+            continue
+        se = (reference.get("results", {}).get(t) or {}).get("score_stderr")
+        if s - chance > (2 * 100.0 * float(se) if se is not None else margin):
+            out.append(t)
+    return out
+
+
 def summarize(models: list[dict], tasks: list[str], reference: int = 0) -> list[dict]:
-    """Rows with "average" and "percent_of_reference" (against models[reference]) filled in."""
+    """Rows with "scores" (task -> %), "average" and "percent_of_reference" (against models[reference]) filled in,
+    and per task "task_percent_of_reference"; "dev_tasks" are the tasks where the reference is above chance
+    (above_chance) and "dev_percent_of_reference" the row's average over them as % of the reference's."""
     if not models:
         return []
     if not 0 <= reference < len(models):
@@ -54,11 +78,17 @@ def summarize(models: list[dict], tasks: list[str], reference: int = 0) -> list[
     rows = []
     for m in models:
         row = dict(m)
-        row["average"] = average([task_score(m, t) for t in tasks])
+        row["scores"] = {t: task_score(m, t) for t in tasks}
+        row["average"] = average(list(row["scores"].values()))
         rows.append(row)
-    ref = rows[reference]["average"]
+    ref = rows[reference]
+    dev = above_chance(ref, tasks)
     for i, row in enumerate(rows):
-        row["percent_of_reference"] = percent_of(row["average"], ref)
+        row["percent_of_reference"] = percent_of(row["average"], ref["average"])
+        row["task_percent_of_reference"] = {t: percent_of(row["scores"][t], ref["scores"][t]) for t in tasks}
+        row["dev_tasks"] = dev
+        row["dev_percent_of_reference"] = percent_of(average([row["scores"][t] for t in dev]),
+                                                     average([ref["scores"][t] for t in dev])) if dev else None
         row["is_reference"] = i == reference
     return rows
 
@@ -84,6 +114,23 @@ def markdown_table(rows: list[dict], tasks: list[str], agreement: bool | None = 
             a = r.get("agreement") or {}
             cells += [_fmt(a.get("kl"), 4), _fmt(a.get("top1_agreement"), 3), _fmt(a.get("ppl_student"))]
         lines.append("| " + " | ".join(cells) + " |")
+    relative = percent_table(rows, tasks, reference_name)
+    return "\n".join(lines) + ("\n\n" + relative if relative else "")
+
+
+def percent_table(rows: list[dict], tasks: list[str], reference_name: str = "teacher") -> str:
+    """Markdown: each non-reference model's score per task as % of the reference's, and its average over the tasks
+    where the reference is above chance ("dev avg"), when summarize() filled those in; "" otherwise."""
+    others = [r for r in rows if not r.get("is_reference") and "task_percent_of_reference" in r]
+    if not others:
+        return ""
+    dev = others[0].get("dev_tasks") or []
+    dev_names = ", ".join(LABELS.get(t, t) for t in dev) or "none"
+    head = ["% of " + reference_name] + [LABELS.get(t, t) for t in tasks] + [f"dev avg ({dev_names})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for r in others:
+        cells = [str(r.get("model", "?"))] + [_fmt(r["task_percent_of_reference"].get(t), 1) for t in tasks]
+        lines.append("| " + " | ".join(cells + [_fmt(r.get("dev_percent_of_reference"), 1)]) + " |")
     return "\n".join(lines)
 
 
