@@ -109,3 +109,18 @@ def test_torchrun_pipeline_matches_one_process(tiny_setup, tmp_path):
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_dir()) == sorted(
         p.name for p in (tmp_path / "a").iterdir() if p.is_dir())
     assert r2.stdout.count("[zebra run] distill: done") == 1  # rank 0 alone reports
+
+
+def test_nvlink_multicast_stays_off_unless_the_user_sets_it():
+    """init_distributed / zebra run --nproc set NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and
+    NVSHMEM_DISABLE_NVLS=1 where the environment has no value; a user's own value wins."""
+    from zebra.stages.parallel import multicast_off
+
+    env = {"NCCL_NVLS_ENABLE": "1", "PATH": "/bin"}
+    added = multicast_off(env)
+    assert added == {"TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+    assert env["NCCL_NVLS_ENABLE"] == "1" and env["PATH"] == "/bin"
+    assert multicast_off(env) == {}
+    fresh = {}
+    multicast_off(fresh)
+    assert fresh == {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}

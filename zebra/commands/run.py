@@ -40,6 +40,9 @@ def run(args) -> int:
             raise ZebraError("--nproc is for starting the ranks; under torchrun leave it out")
         argv = ["run", args.config] + (["--out", args.out] if args.out else []) + \
             (["--stages", args.stages] if args.stages else [])
+        from ..stages.parallel import multicast_off
+
+        multicast_off()  # inherited by every rank
         os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    "--nproc-per-node", str(args.nproc), "-m", "zebra.cli", *argv])
     from ..stages.parallel import init_distributed

@@ -26,9 +26,25 @@ import torch.distributed as dist
 from torch import nn
 
 
+# NVLink multicast (NVLS) off unless the user says otherwise: NCCL's NVLS algorithms, torch's symmetric memory and
+# NVSHMEM use it on NVSwitch hosts, and on shared hosts it can hang or fault the fabric for other tenants.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def multicast_off(env=None) -> dict:
+    """Set MULTICAST_OFF's variables in `env` (default os.environ) where they are not set yet; returns what was
+    set. Called before the process group exists (NCCL reads them when it builds a communicator)."""
+    env = os.environ if env is None else env
+    added = {k: v for k, v in MULTICAST_OFF.items() if k not in env}
+    env.update(added)
+    return added
+
+
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Initialises the default process group when torchrun started us (WORLD_SIZE in the
-    environment); NCCL when a GPU is there, else gloo. One process without torchrun: (0, 1, cuda or cpu)."""
+    environment); NCCL when a GPU is there, else gloo. One process without torchrun: (0, 1, cuda or cpu).
+    NVLink multicast stays off unless the environment sets its variables (multicast_off)."""
+    multicast_off()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available() and os.environ.get("ZEBRA_DEVICE", "") != "cpu"
