@@ -13,7 +13,9 @@ left padding, so row b attends to slots [kv_start[b], pos] and its RoPE position
 kv_start and kv_len live in GPU memory, so one decode step has no host synchronisation and no allocation
 that changes between steps: it is captured once as a CUDA graph and replayed (cuda_graph=True).
 
-A decode step runs the model's own modules (projections, norms, MLPs) and two ops from zebra.ops.dispatch:
+Each mixer owns its static state and its one-token step (static_state / load_state / decode_step in
+zebra/model/attention.py, mla.py, mamba2.py); the engine allocates, loops over the layers (fused residual + norm,
+the MLP) and captures the step. The mixers' steps use two ops from zebra.ops.dispatch:
   decode_attention  softmax attention of one query per head over the cached rows. GQA: per KV group.
                     MLA: absorbed (W_UK folded into the query, W_UV into the output), all heads over the
                     latent rows, which are read once for all heads.
@@ -34,7 +36,6 @@ import torch.nn.functional as F
 
 from ..errors import ZebraError
 from ..model.cache import ZebraCache
-from ..ops import dispatch
 from ..ops.dispatch import fused_op
 
 
@@ -54,26 +55,9 @@ class StaticEngine:
         B, L, dev, dt = batch_size, max_len, self.device, self.dtype
         self.layers = model.model.layers
         self.silu = cfg.hidden_act in ("silu", "swish")  # the fused MLP activation is SiLU
-        self.cache: list[dict[str, torch.Tensor]] = []
-        for layer in self.layers:
-            if layer.mixer_type == "attention":
-                a = layer.self_attn
-                shape = (B, a.n_kv, L, a.head_dim)
-                self.cache.append({"k": torch.zeros(shape, device=dev, dtype=dt), "v": torch.zeros(shape, device=dev, dtype=dt)})
-            elif layer.mixer_type == "mla":
-                m = layer.self_attn
-                w = m.kv_b_proj.weight.view(m.n_kv, m.d_nope + m.d_v, m.r_kv)
-                self.cache.append({
-                    "kv": torch.zeros(B, L, m.r_kv + m.d_r, device=dev, dtype=dt),
-                    "w_uk": w[:, : m.d_nope].contiguous(),  # (G, d_nope, R): folded into the query
-                    "w_uv": w[:, m.d_nope:].contiguous(),  # (G, d_v, R): folded into the output
-                })
-            else:
-                m = layer.mamba
-                self.cache.append({
-                    "conv": torch.zeros(B, m.conv_dim, m.d_conv, device=dev, dtype=dt),
-                    "ssm": torch.zeros(B, m.n_heads, m.headdim, m.d_state, device=dev, dtype=torch.float32),
-                })
+        # each mixer allocates its own static state (static_state) and decodes one token over it (decode_step)
+        self.mixers = [layer.mamba if layer.mixer_type == "mamba2" else layer.self_attn for layer in self.layers]
+        self.cache: list[dict[str, torch.Tensor]] = [m.static_state(B, L, dev, dt) for m in self.mixers]
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # slot of the token being decoded
         self.kv_start = torch.zeros(B, dtype=torch.int32, device=dev)
         self.kv_len = torch.ones(B, dtype=torch.int32, device=dev)
@@ -86,15 +70,13 @@ class StaticEngine:
 
     # ---- sizes ----------------------------------------------------------------------------------------
     def cache_nbytes(self) -> int:
-        keys = ("k", "v", "kv", "conv", "ssm")
-        return sum(t.numel() * t.element_size() for c in self.cache for k, t in c.items() if k in keys)
+        return sum(c[k].numel() * c[k].element_size() for m, c in zip(self.mixers, self.cache) for k in m.STATE)
 
     # ---- state ----------------------------------------------------------------------------------------
     def reset(self):
-        for c in self.cache:
-            for k in ("k", "v", "kv", "conv", "ssm"):
-                if k in c:
-                    c[k].zero_()
+        for m, c in zip(self.mixers, self.cache):
+            for k in m.STATE:
+                c[k].zero_()
         self.pos.zero_()
         self.kv_start.zero_()
         self.length = 0
@@ -130,21 +112,8 @@ class StaticEngine:
         dyn = ZebraCache(self.config)
         out = self.model(input_ids=input_ids.to(self.device), attention_mask=am, past_key_values=dyn,
                          use_cache=True, logits_to_keep=1)
-        for i, layer in enumerate(self.layers):
-            c = self.cache[i]
-            if layer.mixer_type == "attention":
-                c["k"][:, :, :T] = dyn.get(i, "k")
-                c["v"][:, :, :T] = dyn.get(i, "v")
-            elif layer.mixer_type == "mla":
-                R = layer.self_attn.r_kv
-                c["kv"][:, :T, :R] = dyn.get(i, "c_kv")
-                c["kv"][:, :T, R:] = dyn.get(i, "k_rope")
-            else:
-                K = layer.mamba.d_conv
-                conv = dyn.get(i, "conv")  # (B, C, K-1): inputs T-K+1 .. T-1, oldest first
-                for j in range(K - 1):
-                    c["conv"][:, :, (T - K + 1 + j) % K] = conv[:, :, j]
-                c["ssm"].copy_(dyn.get(i, "ssm"))
+        for m, c in zip(self.mixers, self.cache):
+            m.load_state(c, dyn, T)
         self.pos.fill_(T)
         self.kv_start.copy_(pad)
         self.length = T
@@ -173,17 +142,13 @@ class StaticEngine:
         h = mm.embed_tokens(self.tokens)[:, None]  # (B, 1, d)
         rope = {}
         pending = None  # the last sub-block's output, added to h inside the next norm (one kernel)
-        for layer, c in zip(self.layers, self.cache):
+        for layer, mixer, c in zip(self.layers, self.mixers, self.cache):
             ln = layer.input_layernorm
             h, x = fused_op("add_rms_norm", h, pending, ln.weight, ln.eps)
-            if layer.mixer_type == "mamba2":
-                x = self._mamba2(layer.mamba, x, c)
-            else:
-                t = layer.mixer_type
-                key = (t, getattr(layer.self_attn, "rope_key", None))
-                if key not in rope:
-                    rope[key] = mm.rope(layer, pos_ids, x.dtype)
-                x = (self._attention if t == "attention" else self._mla)(layer.self_attn, x, rope[key], c)
+            key = (layer.mixer_type, getattr(mixer, "rope_key", None))
+            if layer.mixer_type != "mamba2" and key not in rope:
+                rope[key] = mm.rope(layer, pos_ids, x.dtype)
+            x = mixer.decode_step(x, rope.get(key), c, self.pos, self.kv_start, self.kv_len)
             ln = layer.post_attention_layernorm
             h, x = fused_op("add_rms_norm", h, x, ln.weight, ln.eps)
             mlp = layer.mlp
@@ -193,47 +158,6 @@ class StaticEngine:
         logits = self.model.lm_head(h_norm)[:, 0]
         self.pos.add_(1)
         return logits
-
-    def _attention(self, a, x, rope, c):
-        B = self.B
-        q = a.q_proj(x).view(B, 1, a.n_heads, a.head_dim)
-        k = a.k_proj(x).view(B, 1, a.n_kv, a.head_dim)
-        v = a.v_proj(x).view(B, 1, a.n_kv, a.head_dim)
-        if a.q_norm is not None:
-            q, k = a.q_norm(q), a.k_norm(k)
-        q, k = fused_op("rope", q, *rope), fused_op("rope", k, *rope)
-        c["k"].index_copy_(2, self.pos, k.transpose(1, 2))
-        c["v"].index_copy_(2, self.pos, v.transpose(1, 2))
-        q = q.view(B, a.n_kv, a.n_heads // a.n_kv, a.head_dim)  # (B, G, heads per group, D)
-        o = dispatch.decode_attention(q, c["k"], c["v"], self.kv_start, self.kv_len, a.scale)  # (B, G, M, D)
-        return a.o_proj(o.reshape(B, 1, a.n_heads * a.head_dim))
-
-    def _mla(self, m, x, rope, c):
-        B, R = self.B, m.r_kv
-        q_nope, q_rope = m._queries(x)  # (B, 1, H, d_nope), (B, 1, H, d_r)
-        q_rope = fused_op("rope", q_rope, *rope)
-        c_kv, k_rope = m.kv_a_proj_with_mqa(x).split([R, m.d_r], dim=-1)
-        k_rope = fused_op("rope", k_rope[:, :, None], *rope)[:, :, 0]
-        c["kv"].index_copy_(1, self.pos, torch.cat([c_kv, k_rope], dim=-1))
-        G, rep = m.n_kv, m.n_heads // m.n_kv
-        q_lat = torch.einsum("bgjd,gdr->bgjr", q_nope.reshape(B, G, rep, m.d_nope), c["w_uk"])  # (B, G, rep, R)
-        q = torch.cat([q_lat.reshape(B, 1, m.n_heads, R), q_rope.reshape(B, 1, m.n_heads, m.d_r)], dim=-1)
-        kv = c["kv"][:, None]  # (B, 1, L, R + d_r): one latent row for every head
-        o_lat = dispatch.decode_attention(q, kv, kv[..., :R], self.kv_start, self.kv_len, m.scale)  # (B, 1, H, R)
-        o = torch.einsum("bgjr,gvr->bgjv", o_lat.view(B, G, rep, R), c["w_uv"])  # (B, G, rep, d_v)
-        if m.kv_b_proj.bias is not None:
-            o = o + m.kv_b_proj.bias.view(G, m.d_nope + m.d_v)[:, m.d_nope:][:, None]
-        return m.o_proj(o.reshape(B, 1, m.n_heads * m.d_v))
-
-    def _mamba2(self, m, x, c):
-        B = self.B
-        z, xBC, dt = m.in_proj(x[:, 0]).split([m.d_inner, m.conv_dim, m.n_heads], dim=-1)
-        if m.z_bias is not None:
-            z = z + m.z_bias
-        y = dispatch.mamba2_step(xBC, c["conv"], self.pos, m.conv1d.weight[:, 0], m.conv1d.bias, dt, m.dt_bias,
-                                 m.A_log, m.D, c["ssm"], m.n_kv, m.headdim, m.d_state)  # (B, H, P) fp32, D skip in
-        y = y.to(x.dtype).reshape(B, 1, m.d_inner)
-        return m.out_proj(fused_op("gated_rms_norm", y, z[:, None], m.norm.weight, m.norm.eps))
 
     # ---- CUDA graph -----------------------------------------------------------------------------------
     def _capture(self):

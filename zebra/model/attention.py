@@ -9,10 +9,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import dispatch
+from ..ops.dispatch import fused_op
 from .common import RMSNorm, apply_rope, varlen_causal
 
 
 class Attention(nn.Module):
+    STATE = ("k", "v")  # the static decode state (zebra.generation.engine); other entries are derived weights
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -53,3 +57,30 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, is_causal=bias is None and T > 1,
                                            scale=self.scale)  # (B, H, T, D); no bias: causal, nothing cached
         return self.o_proj(o.transpose(1, 2).reshape(Bsz, T, -1))
+
+    # ---- static-cache decoding (zebra.generation.engine.StaticEngine) ------------------------------------
+    def static_state(self, B: int, L: int, device, dtype) -> dict:
+        """k, v (B, n_kv, L, d_h): slot t holds position t of every row."""
+        shape = (B, self.n_kv, L, self.head_dim)
+        return {"k": torch.zeros(shape, device=device, dtype=dtype), "v": torch.zeros(shape, device=device, dtype=dtype)}
+
+    def load_state(self, state: dict, cache, T: int) -> None:
+        """Copy a prefill's dynamic cache (ZebraCache, T positions) into the static state."""
+        state["k"][:, :, :T] = cache.get(self.layer_idx, "k")
+        state["v"][:, :, :T] = cache.get(self.layer_idx, "v")
+
+    def decode_step(self, x, rope, state: dict, pos, kv_start, kv_len):
+        """One token per row: x (B, 1, d) normalised input -> mixer output (B, 1, d). Writes slot `pos` (a (1,)
+        device tensor) and attends over slots [kv_start, kv_len) per row (no host synchronisation)."""
+        B = x.shape[0]
+        q = self.q_proj(x).view(B, 1, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, 1, self.n_kv, self.head_dim)
+        v = self.v_proj(x).view(B, 1, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = fused_op("rope", q, *rope), fused_op("rope", k, *rope)
+        state["k"].index_copy_(2, pos, k.transpose(1, 2))
+        state["v"].index_copy_(2, pos, v.transpose(1, 2))
+        q = q.view(B, self.n_kv, self.n_heads // self.n_kv, self.head_dim)  # (B, G, heads per group, D)
+        o = dispatch.decode_attention(q, state["k"], state["v"], kv_start, kv_len, self.scale)  # (B, G, M, D)
+        return self.o_proj(o.reshape(B, 1, self.n_heads * self.head_dim))

@@ -22,10 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import dispatch
+from ..ops.dispatch import fused_op
 from .common import GatedRMSNorm
 
 
 class Mamba2(nn.Module):
+    STATE = ("conv", "ssm")  # the static decode state
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -100,3 +103,29 @@ class Mamba2(nn.Module):
         y = y + self.D.float()[:, None] * x.float()  # (B, T, H, P)
         y = y.to(h.dtype).reshape(Bsz, T, self.d_inner)
         return self.out_proj(self.norm(y, z))
+
+    # ---- static-cache decoding (zebra.generation.engine.StaticEngine) ------------------------------------
+    def static_state(self, B: int, L: int, device, dtype) -> dict:
+        """conv (B, conv_dim, d_conv): a ring, slot pos % d_conv holds the newest conv input; ssm (B, H, P, N) fp32."""
+        return {"conv": torch.zeros(B, self.conv_dim, self.d_conv, device=device, dtype=dtype),
+                "ssm": torch.zeros(B, self.n_heads, self.headdim, self.d_state, device=device, dtype=torch.float32)}
+
+    def load_state(self, state: dict, cache, T: int) -> None:
+        K = self.d_conv
+        conv = cache.get(self.layer_idx, "conv")  # (B, C, K-1): inputs T-K+1 .. T-1, oldest first
+        for j in range(K - 1):
+            state["conv"][:, :, (T - K + 1 + j) % K] = conv[:, :, j]
+        state["ssm"].copy_(cache.get(self.layer_idx, "ssm"))
+
+    def decode_step(self, x, rope, state: dict, pos, kv_start=None, kv_len=None):
+        """One token per row: conv-ring update, SiLU, dt softplus, in-place state update, C readout and D skip
+        (one dispatch op), then the gated norm and out_proj. rope / kv_start / kv_len are unused (same signature
+        as the attention mixers)."""
+        B = x.shape[0]
+        z, xBC, dt = self.in_proj(x[:, 0]).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        if self.z_bias is not None:
+            z = z + self.z_bias
+        y = dispatch.mamba2_step(xBC, state["conv"], pos, self.conv1d.weight[:, 0], self.conv1d.bias, dt, self.dt_bias,
+                                 self.A_log, self.D, state["ssm"], self.n_kv, self.headdim, self.d_state)  # (B, H, P)
+        y = y.to(x.dtype).reshape(B, 1, self.d_inner)
+        return self.out_proj(fused_op("gated_rms_norm", y, z[:, None], self.norm.weight, self.norm.eps))

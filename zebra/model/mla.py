@@ -20,10 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..ops import dispatch
+from ..ops.dispatch import fused_op
 from .common import apply_rope, varlen_causal
 
 
 class MLA(nn.Module):
+    STATE = ("kv",)  # the static decode state; w_uk / w_uv in it are views of kv_b_proj, made once
+
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -109,3 +113,33 @@ class MLA(nn.Module):
         if self.kv_b_proj.bias is not None:
             o = o + self.kv_b_proj.bias.view(G, self.d_nope + self.d_v)[:, self.d_nope :][:, None]
         return o.reshape(Bsz, T, H, self.d_v)
+
+    # ---- static-cache decoding (zebra.generation.engine.StaticEngine): the absorbed form ---------------------
+    def static_state(self, B: int, L: int, device, dtype) -> dict:
+        """kv (B, L, r_kv + d_r): one latent row [c_kv | RoPE(k_R)] per token, read once for all heads (SPEC 2);
+        w_uk (G, d_nope, R) / w_uv (G, d_v, R): kv_b_proj split for folding into the query / the output."""
+        w = self.kv_b_proj.weight.view(self.n_kv, self.d_nope + self.d_v, self.r_kv)
+        return {"kv": torch.zeros(B, L, self.r_kv + self.d_r, device=device, dtype=dtype),
+                "w_uk": w[:, : self.d_nope].contiguous(), "w_uv": w[:, self.d_nope:].contiguous()}
+
+    def load_state(self, state: dict, cache, T: int) -> None:
+        state["kv"][:, :T, : self.r_kv] = cache.get(self.layer_idx, "c_kv")
+        state["kv"][:, :T, self.r_kv:] = cache.get(self.layer_idx, "k_rope")
+
+    def decode_step(self, x, rope, state: dict, pos, kv_start, kv_len):
+        """Absorbed MLA for one token per row (see Attention.decode_step for the slot arguments)."""
+        B, R = x.shape[0], self.r_kv
+        q_nope, q_rope = self._queries(x)  # (B, 1, H, d_nope), (B, 1, H, d_r)
+        q_rope = fused_op("rope", q_rope, *rope)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([R, self.d_r], dim=-1)
+        k_rope = fused_op("rope", k_rope[:, :, None], *rope)[:, :, 0]
+        state["kv"].index_copy_(1, pos, torch.cat([c_kv, k_rope], dim=-1))
+        G, rep = self.n_kv, self.n_heads // self.n_kv
+        q_lat = torch.einsum("bgjd,gdr->bgjr", q_nope.reshape(B, G, rep, self.d_nope), state["w_uk"])  # (B, G, rep, R)
+        q = torch.cat([q_lat.reshape(B, 1, self.n_heads, R), q_rope.reshape(B, 1, self.n_heads, self.d_r)], dim=-1)
+        kv = state["kv"][:, None]  # (B, 1, L, R + d_r): one latent row for every head
+        o_lat = dispatch.decode_attention(q, kv, kv[..., :R], kv_start, kv_len, self.scale)  # (B, 1, H, R)
+        o = torch.einsum("bgjr,gvr->bgjv", o_lat.view(B, G, rep, R), state["w_uv"])  # (B, G, rep, d_v)
+        if self.kv_b_proj.bias is not None:
+            o = o + self.kv_b_proj.bias.view(G, self.d_nope + self.d_v)[:, self.d_nope:][:, None]
+        return self.o_proj(o.reshape(B, 1, self.n_heads * self.d_v))
