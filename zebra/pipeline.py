@@ -195,30 +195,46 @@ class Run:
 
         s = self.cfg["student"]
         d = self.write_stage_config("init")
-        out, models = {}, {}
+        out, models, seconds = {}, {}, {}
+        clock = time.perf_counter()
+
+        def lap(name):  # where the stage's time goes, in its summary
+            nonlocal clock
+            now = time.perf_counter()
+            seconds[name] = round(seconds.get(name, 0.0) + now - clock, 2)
+            clock = now
+
         for kind, mla in (("mla", "all"), ("mamba2", "none")):
             model, tok, report = build_student(self.cfg["base"], mla, "none", kv_rank=s["kv_rank"], q_rank=s["q_rank"],
                                                rope_dim=s["rope_dim"], nope_dim=s["nope_dim"], seed=self.cfg["seed"],
                                                rope_select=s["rope_select"], conv_init=s["conv_init"],
                                                gate_init=s["gate_init"])
             models[kind] = model.to(self.device).eval()
+            lap("build")
             if kind == "mamba2" and s["calibrate_tokens"]:
                 from .convert.calibrate import calibrate_mamba2_norms
 
                 stream = self.stream("ild", {"tokens": s["calibrate_tokens"], "batch_size": 8, "seq_len": 512},
                                      all_ranks=False)
                 batches = [{k: v.to(self.device) for k, v in b.items()} for b in stream]
-                report["calibration"] = calibrate_mamba2_norms(self.eval_teacher(), model, batches)
+                teacher = self.eval_teacher()
+                lap("data_and_teacher")
+                report["calibration"] = calibrate_mamba2_norms(teacher, model, batches)
+                lap("calibrate")
             save_model(model, tok, d / kind, report)
+            lap("save")
             out[kind] = report["kv"]
         # the per-layer attention-output error of the initialised mixers on held-out chat (SPEC 3.1's comparison)
         from .eval.agreement import pad_batch
 
         ids, mask = pad_batch(self.heldout()[:8])
+        teacher = self.eval_teacher()
+        lap("data_and_teacher")
         with torch.no_grad():
-            _, _, metrics = make_ild_loss(self.eval_teacher(), models, "mixers")(
+            _, _, metrics = make_ild_loss(teacher, models, "mixers")(
                 {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)})
-        return {"kv": out, "mixer_rel_err": metrics}
+        lap("mixer_error")
+        return {"kv": out, "mixer_rel_err": metrics, "seconds_by_part": seconds}
 
     def _train(self, name: str, models: dict, fn, groups, stream, tcfg, evaluator=None):
         """Train `models` (dict of the stage's trained models) with loss `fn` on every rank: the loss runs as a
