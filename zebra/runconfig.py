@@ -177,6 +177,9 @@ def check(cfg: dict) -> dict:
         cfg[stage]["betas"] = [_number(x, float, f"{stage}.betas") for x in b]
     if not cfg["data"]:
         raise ZebraError("config key 'data' lists no source")
+    for spec in cfg["data"]:  # teacher-sampled data: the run's teacher writes it unless the source names one
+        if isinstance(spec, dict) and str(spec.get("type", "")).lower() == "teacher_samples" and not spec.get("teacher"):
+            spec["teacher"] = cfg["teacher"]
     if cfg["eval"]["tasks"]:
         from .eval.lm_eval_tasks import parse_tasks
 

@@ -46,6 +46,12 @@ ILD / KD split (`source_key` leaves out render, plain_fraction and limit) do not
 text source, which holds nothing else, accepts and ignores "render". "plain_fraction" (a number in [0, 1])
 goes with render "mixed" only.
 
+    {"type": "teacher_samples", "teacher": NAME, "prompts": "sharegpt", "num": 2000, "max_new_tokens": 384,
+     "batch_size": 64, "temperature": 1.0, "seed": 0, "max_prompt_tokens": 512}
+        The teacher's own answers to the first user turns of the prompt source (any chat source spec; its
+        held-out slice excluded as always): sequence-level distillation data, generated once through the
+        static-cache engine and cached (zebra.data.samples).
+
 String shorthands: "sharegpt", "jsonl:PATH", "text:PATH", "hf:PATH"; a bare path is guessed
 (.jsonl / .json file -> jsonl, a `save_to_disk` dir -> hf, anything else -> text).
 
@@ -75,7 +81,7 @@ from .sharegpt import is_heldout, iter_sharegpt, normalize_conversation
 
 Conversation = Union[list, str]  # list of {"role", "content"} dicts, or a plain-text document
 
-SOURCE_TYPES = ("sharegpt", "jsonl", "text", "hf")
+SOURCE_TYPES = ("sharegpt", "jsonl", "text", "hf", "teacher_samples")
 RENDERS = ("chat", "plain", "mixed")
 _COMMON = {"type", "path", "limit", "render", "plain_fraction"}
 _KEYS = {
@@ -83,6 +89,8 @@ _KEYS = {
     "jsonl": _COMMON,
     "text": _COMMON,
     "hf": _COMMON | {"split", "name", "messages_field", "text_field"},
+    "teacher_samples": (_COMMON - {"path"}) | {"teacher", "prompts", "num", "max_new_tokens", "batch_size",
+                                              "temperature", "seed", "max_prompt_tokens"},
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 # Hub names of the benchmark sets the eval code scores (zebra.assets.OLMO_DATASETS and the paper's tasks):
@@ -122,7 +130,13 @@ def normalize_spec(spec: dict | str) -> dict:
         raise ZebraError(f"unknown option(s) {sorted(extra)} for a {typ} source; "
                          f"allowed: {sorted(_KEYS[typ] - {'type'})}")
     out = dict(spec, type=typ)
-    if typ != "sharegpt" and not out.get("path"):
+    if typ == "teacher_samples":  # defaults filled in, so equivalent specs fingerprint alike
+        from .samples import check_spec
+
+        out.update(check_spec(out))
+        if not isinstance(out["prompts"], str):
+            out["prompts"] = normalize_spec(out["prompts"])
+    elif typ != "sharegpt" and not out.get("path"):
         raise ZebraError(f"a {typ} source needs a 'path': {spec!r}")
     lim = out.get("limit")
     if lim is not None and (isinstance(lim, bool) or not isinstance(lim, int) or lim < 1):
@@ -209,9 +223,18 @@ def load_conversations(spec: dict | str) -> Iterator[Conversation]:
         gen = _jsonl(s)
     elif typ == "text":
         gen = _text(s)
+    elif typ == "teacher_samples":
+        gen = _teacher_samples_gen(s)
     else:
         gen = _hf(s)
     return _limited(_rendered(gen, s), s.get("limit"), s)
+
+
+def _teacher_samples_gen(spec: dict) -> Iterator[Conversation]:
+    """The teacher's answers (zebra.data.samples), generated at the first next() when not cached yet."""
+    from .samples import generate_samples
+
+    yield from _jsonl_gen(generate_samples(spec))
 
 
 def plain_text(conversation: list[dict]) -> str:
@@ -249,6 +272,8 @@ def _limited(gen: Iterator[Conversation], limit: int | None, spec: dict) -> Iter
 
 
 def _show(spec: dict) -> str:
+    if spec["type"] == "teacher_samples":
+        return f"teacher_samples:{spec['teacher']}"
     return f"{spec['type']}:{spec['path']}" if spec.get("path") else spec["type"]
 
 
@@ -495,6 +520,8 @@ def source_fingerprint(spec: dict | str) -> str:
         sig.append(_stat_sig(_existing_file(s["path"])))
     elif typ == "text":
         sig += [_stat_sig(f) for f in text_files(s["path"])]
+    elif typ == "teacher_samples":
+        sig.append(source_fingerprint(s["prompts"]))  # the spec and the prompts decide the samples
     else:
         p = Path(str(s["path"])).expanduser()
         if p.is_dir():
