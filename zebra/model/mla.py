@@ -93,14 +93,31 @@ class MLA(nn.Module):
         )  # (B, H, T, d_v); no bias: plain causal (nothing cached, no padding)
         return o.transpose(1, 2)  # (B, T, H, d_v)
 
+    # ---- the absorbed form's two folds, shared by the growing-cache path (_absorbed) and decode_step --------
+    def absorbed_weights(self):
+        """kv_b_proj split per KV group: W_UK (G, d_nope, R) and W_UV (G, d_v, R) (views)."""
+        w = self.kv_b_proj.weight.view(self.n_kv, self.d_nope + self.d_v, self.r_kv)
+        return w[:, : self.d_nope], w[:, self.d_nope :]
+
+    def fold_query(self, q_nope, w_uk):
+        """W_UK folded into the query: (..., G, rep, d_nope) -> (..., G, rep, R); q . k_C = (q W_UK) . c_kv."""
+        return torch.einsum("...gjd,gdr->...gjr", q_nope, w_uk)
+
+    def unfold_output(self, o_lat, w_uv):
+        """W_UV applied after attention over the latent rows: (..., G, rep, R) -> (..., G, rep, d_v), plus the v bias
+        (softmax rows sum to 1, so it passes through unchanged)."""
+        o = torch.einsum("...gjr,gvr->...gjv", o_lat, w_uv)
+        if self.kv_b_proj.bias is not None:
+            o = o + self.kv_b_proj.bias.view(self.n_kv, self.d_nope + self.d_v)[:, self.d_nope :][:, None]
+        return o
+
     def _absorbed(self, q_nope, q_rope, c_kv, k_rope, bias):
         Bsz, T, H, _ = q_nope.shape
         G, rep = self.n_kv, self.n_heads // self.n_kv
-        w = self.kv_b_proj.weight.view(G, self.d_nope + self.d_v, self.r_kv)
-        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope :]  # (G, d_nope, R), (G, d_v, R)
+        w_uk, w_uv = self.absorbed_weights()
         qn = q_nope.reshape(Bsz, T, G, rep, self.d_nope)
         qr = q_rope.reshape(Bsz, T, G, rep, self.d_r)
-        q_lat = torch.einsum("btgjd,gdr->btgjr", qn, w_uk)  # W_UK folded into the query: (B, T, G, rep, R)
+        q_lat = self.fold_query(qn, w_uk)  # (B, T, G, rep, R)
         scores = torch.einsum("btgjr,bsr->bgjts", q_lat, c_kv) + torch.einsum("btgjd,bsd->bgjts", qr, k_rope)
         scores = scores.float() * self.scale  # (B, G, rep, T, S)
         if bias is not None:
@@ -109,18 +126,15 @@ class MLA(nn.Module):
             scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=scores.device).triu(1), float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype)
         o_lat = torch.einsum("bgjts,bsr->btgjr", p, c_kv)  # attention over the latent cache
-        o = torch.einsum("btgjr,gvr->btgjv", o_lat, w_uv)  # W_UV folded into the output: (B, T, G, rep, d_v)
-        if self.kv_b_proj.bias is not None:
-            o = o + self.kv_b_proj.bias.view(G, self.d_nope + self.d_v)[:, self.d_nope :][:, None]
-        return o.reshape(Bsz, T, H, self.d_v)
+        return self.unfold_output(o_lat, w_uv).reshape(Bsz, T, H, self.d_v)
 
     # ---- static-cache decoding (zebra.generation.engine.StaticEngine): the absorbed form ---------------------
     def static_state(self, B: int, L: int, device, dtype) -> dict:
         """kv (B, L, r_kv + d_r): one latent row [c_kv | RoPE(k_R)] per token, read once for all heads (SPEC 2);
         w_uk (G, d_nope, R) / w_uv (G, d_v, R): kv_b_proj split for folding into the query / the output."""
-        w = self.kv_b_proj.weight.view(self.n_kv, self.d_nope + self.d_v, self.r_kv)
+        w_uk, w_uv = self.absorbed_weights()
         return {"kv": torch.zeros(B, L, self.r_kv + self.d_r, device=device, dtype=dtype),
-                "w_uk": w[:, : self.d_nope].contiguous(), "w_uv": w[:, self.d_nope:].contiguous()}
+                "w_uk": w_uk.contiguous(), "w_uv": w_uv.contiguous()}
 
     def load_state(self, state: dict, cache, T: int) -> None:
         state["kv"][:, :T, : self.r_kv] = cache.get(self.layer_idx, "c_kv")
@@ -135,11 +149,9 @@ class MLA(nn.Module):
         k_rope = fused_op("rope", k_rope[:, :, None], *rope)[:, :, 0]
         state["kv"].index_copy_(1, pos, torch.cat([c_kv, k_rope], dim=-1))
         G, rep = self.n_kv, self.n_heads // self.n_kv
-        q_lat = torch.einsum("bgjd,gdr->bgjr", q_nope.reshape(B, G, rep, self.d_nope), state["w_uk"])  # (B, G, rep, R)
+        q_lat = self.fold_query(q_nope.reshape(B, G, rep, self.d_nope), state["w_uk"])  # (B, G, rep, R)
         q = torch.cat([q_lat.reshape(B, 1, self.n_heads, R), q_rope.reshape(B, 1, self.n_heads, self.d_r)], dim=-1)
         kv = state["kv"][:, None]  # (B, 1, L, R + d_r): one latent row for every head
         o_lat = dispatch.decode_attention(q, kv, kv[..., :R], kv_start, kv_len, self.scale)  # (B, 1, H, R)
-        o = torch.einsum("bgjr,gvr->bgjv", o_lat.view(B, G, rep, R), state["w_uv"])  # (B, G, rep, d_v)
-        if self.kv_b_proj.bias is not None:
-            o = o + self.kv_b_proj.bias.view(G, self.d_nope + self.d_v)[:, self.d_nope:][:, None]
+        o = self.unfold_output(o_lat.view(B, G, rep, R), state["w_uv"])  # (B, G, rep, d_v)
         return self.o_proj(o.reshape(B, 1, self.n_heads * self.d_v))
