@@ -34,14 +34,20 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
         self.scale = D**-0.5
 
-    def forward(self, h, rope, bias, cache=None, varlen=None):
-        """varlen: (cu_seqlens, max_len) of packed documents (training on CUDA): flash attention per document."""
+    def project(self, h):
+        """q (B, T, H, D), k and v (B, T, G, D), q / k normalised per head where the teacher does (Qwen3)."""
         Bsz, T, _ = h.shape
-        q = self.q_proj(h).view(Bsz, T, self.n_heads, self.head_dim)  # (B, T, H, D)
-        k = self.k_proj(h).view(Bsz, T, self.n_kv, self.head_dim)  # (B, T, G, D)
+        q = self.q_proj(h).view(Bsz, T, self.n_heads, self.head_dim)
+        k = self.k_proj(h).view(Bsz, T, self.n_kv, self.head_dim)
         v = self.v_proj(h).view(Bsz, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
+
+    def forward(self, h, rope, bias, cache=None, varlen=None):
+        """varlen: (cu_seqlens, max_len) of packed documents (training on CUDA): flash attention per document."""
+        Bsz, T, _ = h.shape
+        q, k, v = self.project(h)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if varlen is not None:
@@ -73,11 +79,7 @@ class Attention(nn.Module):
         """One token per row: x (B, 1, d) normalised input -> mixer output (B, 1, d). Writes slot `pos` (a (1,)
         device tensor) and attends over slots [kv_start, kv_len) per row (no host synchronisation)."""
         B = x.shape[0]
-        q = self.q_proj(x).view(B, 1, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, 1, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, 1, self.n_kv, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.project(x)
         q, k = fused_op("rope", q, *rope), fused_op("rope", k, *rope)
         state["k"].index_copy_(2, pos, k.transpose(1, 2))
         state["v"].index_copy_(2, pos, v.transpose(1, 2))

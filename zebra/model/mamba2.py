@@ -66,14 +66,19 @@ class Mamba2(nn.Module):
         self.D.fill_(1.0)
         self.conv1d.reset_parameters()
 
+    def project(self, h):
+        """[z | xBC | dt] = in_proj(h) (+ the gate bias): (..., d_inner), (..., conv_dim), (..., H)."""
+        z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        if self.z_bias is not None:
+            z = z + self.z_bias
+        return z, xBC, dt
+
     def forward(self, h, token_mask=None, cache=None, doc_ids=None):
         """h (B, T, d); token_mask (B, T) with 0 at padding, or None; cache a ZebraCache or None;
         doc_ids (B, T) non-decreasing ids of packed documents (conv and state reset at each new id), or None."""
         Bsz, T, _ = h.shape
         H, P, N, rep = self.n_heads, self.headdim, self.d_state, self.n_heads // self.n_kv
-        z, xBC, dt = self.in_proj(h).split([self.d_inner, self.conv_dim, H], dim=-1)
-        if self.z_bias is not None:
-            z = z + self.z_bias
+        z, xBC, dt = self.project(h)
         if token_mask is not None:
             xBC = xBC * token_mask[..., None].to(xBC.dtype)
         conv_state = cache.get(self.layer_idx, "conv") if cache is not None else None
@@ -122,9 +127,7 @@ class Mamba2(nn.Module):
         (one dispatch op), then the gated norm and out_proj. rope / kv_start / kv_len are unused (same signature
         as the attention mixers)."""
         B = x.shape[0]
-        z, xBC, dt = self.in_proj(x[:, 0]).split([self.d_inner, self.conv_dim, self.n_heads], dim=-1)
-        if self.z_bias is not None:
-            z = z + self.z_bias
+        z, xBC, dt = self.project(x[:, 0])
         y = dispatch.mamba2_step(xBC, state["conv"], pos, self.conv1d.weight[:, 0], self.conv1d.bias, dt, self.dt_bias,
                                  self.A_log, self.D, state["ssm"], self.n_kv, self.headdim, self.d_state)  # (B, H, P)
         y = y.to(x.dtype).reshape(B, 1, self.d_inner)
