@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .ssd import ssd_step
+
 
 def mamba2_step(xBC, conv_ring, pos, conv_w, conv_b, dt, dt_bias, A_log, D, ssm_state, n_kv, headdim, d_state):
     """xBC (B, C) new pre-conv inputs laid out [x (n_kv*P) | B (n_kv*N) | C (H*N)]; conv_ring (B, C, K) in place:
@@ -31,9 +33,8 @@ def mamba2_step(xBC, conv_ring, pos, conv_w, conv_b, dt, dt_bias, A_log, D, ssm_
     Bm = Bm.view(Bsz, n_kv, N).repeat_interleave(rep, dim=1)  # (B, H, N)
     Cm = Cm.view(Bsz, H, N)
     dt = F.softplus(dt.float() + dt_bias.float())  # (B, H)
-    dA = torch.exp(dt * -torch.exp(A_log.float()))
-    ssm_state.mul_(dA[..., None, None]).add_((dt[..., None] * x)[..., None] * Bm[:, :, None, :])
-    return torch.einsum("bhpn,bhn->bhp", ssm_state, Cm) + D.float()[None, :, None] * x
+    y = ssd_step(ssm_state, x, dt, -torch.exp(A_log.float()), Bm, Cm)  # the recurrence of the scan, one token
+    return y + D.float()[None, :, None] * x
 
 
 def decode_attention(q, k, v, kv_start, kv_len, scale):
