@@ -44,6 +44,9 @@ def test_run_config_gives_the_runs_teacher(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: x\nbase: smollm2-135m-instruct\ndata: [{type: teacher_samples, num: 8}]\n")
     assert load_config(cfg)["data"][0]["teacher"] == "smollm2-135m-instruct"
+    cfg.write_text("name: x\nbase: smollm2-135m-instruct\ndata: [{type: teacher_samples, num: 0}]\n")
+    with pytest.raises(ZebraError, match="'num' must be a positive integer"):  # at load, before any stage runs
+        load_config(cfg)
 
 
 def test_greedy_samples_equal_transformers_generate_and_are_cached(tmp_path, tmp_zebra_cache, teacher_dir,

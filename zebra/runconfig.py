@@ -180,6 +180,10 @@ def check(cfg: dict) -> dict:
     for spec in cfg["data"]:  # teacher-sampled data: the run's teacher writes it unless the source names one
         if isinstance(spec, dict) and str(spec.get("type", "")).lower() == "teacher_samples" and not spec.get("teacher"):
             spec["teacher"] = cfg["teacher"]
+    from .data.sources import normalize_spec
+
+    for spec in cfg["data"]:  # a bad source fails here, before any stage starts or writes
+        normalize_spec(spec)
     if cfg["eval"]["tasks"]:
         from .eval.lm_eval_tasks import parse_tasks
 
