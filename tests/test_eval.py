@@ -182,3 +182,22 @@ def test_worker_error_names_the_task(tmp_path, teacher_dir, olmo_datasets_dir):
     with pytest.raises(ZebraError, match=r"evaluating arc_easy failed in a worker process: no offline data for arc_easy"):
         evaluate_models([str(teacher_dir)], ["arc_easy", "piqa"], limit=50, device="cpu", jobs=2, data_dir=tmp_path)
 
+
+
+def test_integer_options_name_the_flag():
+    """--batch-size / --jobs / --num-fewshot: one parser, a clear error naming the flag."""
+    from zebra.eval.harness import _batch_size, _jobs
+    from zebra.eval.lm_eval_tasks import fewshot_for
+
+    import torch
+
+    cpu = torch.device("cpu")
+    assert _batch_size("16", cpu) == 16 and _batch_size("auto", cpu) == "auto"
+    with pytest.raises(ZebraError, match=r"--batch-size must be an integer or 'auto'"):
+        _batch_size("big", cpu)
+    with pytest.raises(ZebraError, match="--jobs must be >= 1"):
+        _jobs("0", cpu, 3)
+    assert _jobs("9", cpu, 3) == 3
+    assert fewshot_for(["arc_easy"], "5") == {"arc_easy": 5}
+    with pytest.raises(ZebraError, match="--num-fewshot must be >= 0"):
+        fewshot_for(["arc_easy"], "-1")

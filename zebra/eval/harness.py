@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
-from ..errors import ZebraError
+from ..errors import ZebraError, int_option
 
 
 def _say(msg: str) -> None:
@@ -47,13 +47,7 @@ def _batch_size(value: str | None, device) -> int | str:
     v = str(value).strip().lower()
     if v == "auto" or v.startswith("auto:"):
         return v
-    try:
-        n = int(v)
-    except ValueError:
-        raise ZebraError(f"--batch-size must be an integer or 'auto', not {value!r}") from None
-    if n < 1:
-        raise ZebraError("--batch-size must be >= 1")
-    return n
+    return int_option(v, "--batch-size", 1, "'auto'")
 
 
 def _limit(value: float | None):
@@ -72,12 +66,7 @@ def _jobs(value: int | str, device, n_tasks: int) -> int:
     if v == "auto":
         n = min(4, n_tasks) if device.type == "cuda" else 1
     else:
-        try:
-            n = int(v)
-        except ValueError:
-            raise ZebraError(f"--jobs must be an integer or 'auto', not {value!r}") from None
-        if n < 1:
-            raise ZebraError("--jobs must be >= 1")
+        n = int_option(v, "--jobs", 1, "'auto'")
     return max(1, min(n, n_tasks))
 
 

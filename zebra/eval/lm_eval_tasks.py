@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import ZebraError
+from ..errors import ZebraError, int_option
 
 LM_EVAL_REQUIREMENT = "lm-eval==0.4.13"
 
@@ -120,12 +120,7 @@ def fewshot_for(names: list[str], num_fewshot: str | int | None) -> dict[str, in
     s = str(num_fewshot).strip().lower()
     if s in ("paper", "table2"):
         return {n: TASKS[n].paper_fewshot for n in names}
-    try:
-        k = int(s)
-    except ValueError:
-        raise ZebraError(f"--num-fewshot must be a number or 'paper', not {num_fewshot!r}") from None
-    if k < 0:
-        raise ZebraError("--num-fewshot must be >= 0")
+    k = int_option(s, "--num-fewshot", 0, "'paper'")
     return {n: k for n in names}
 
 
