@@ -184,3 +184,33 @@ def test_one_default_for_the_student_geometry():
     from zebra.convert.layout import DEFAULT_ROPE_DIM
 
     assert args.rope_dim in (None, DEFAULT_ROPE_DIM) and s["rope_dim"] == DEFAULT_ROPE_DIM
+
+
+def test_distillation_reads_its_own_data_when_given(tiny_setup, tmp_path):
+    """distill.data: the distillation stream comes from it while init / ILD keep the run's data; a single source
+    is a list of one; an empty or bad list fails at load; in an ablation only the distillation is recomputed."""
+    from zebra.ablate import stage_fingerprints
+
+    root = tiny_setup
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": f"alpha beta gamma delta {i} epsilon zeta eta theta"}) + "\n"
+                             for i in range(40)))
+    path = write_config(root, "own-data", distill={"tokens": 512, "batch_size": 2,
+                                                     "data": {"type": "jsonl", "path": str(other)}})
+    cfg = load_config(path)
+    assert cfg["distill"]["data"] == [{"type": "jsonl", "path": str(other)}]
+    run = Run(cfg, tmp_path / "run")
+    tok = run.tokenizer()
+
+    def text(stream):
+        return " ".join(tok.decode(b["input_ids"][0]) for b in stream)
+
+    kd, ild = text(run.stream("kd", cfg["distill"])), text(run.stream("ild", cfg["ild"]))
+    assert "alpha" in kd and "Tell me about" not in kd
+    assert "Tell me about" in ild and "alpha" not in ild
+    base = stage_fingerprints(load_config(write_config(root, "run-data")))
+    own = stage_fingerprints(cfg)
+    assert [base[s] == own[s] for s in ("init", "ild", "compose", "distill")] == [True, True, True, False]
+    for bad, match in (([], "distill.data' lists no source"), ([{"type": "bogus"}], "unknown data source type")):
+        with pytest.raises(ZebraError, match=match):
+            load_config(write_config(root, "bad-data", distill={"data": bad}))

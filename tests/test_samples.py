@@ -75,3 +75,39 @@ def test_greedy_samples_equal_transformers_generate_and_are_cached(tmp_path, tmp
     assert list(load_conversations(spec)) == convs
     assert source_fingerprint(spec) == fp
     assert source_fingerprint({**spec, "num": 2}) != fp  # another spec, other samples
+
+
+def test_continue_style_extends_plain_prefixes_with_the_teachers_greedy_text(tmp_path, tmp_zebra_cache, teacher_dir,
+                                                                          teacher_model, teacher_tokenizer):
+    tok = teacher_tokenizer
+    long_text = ("The river rose slowly through the night, and by morning the old bridge was under water. "
+                 "People gathered on the hill to watch the current carry branches past the mill.")
+    docs = [{"text": long_text},
+            {"text": "Too short."},                                              # under 2 x prefix: skipped
+            {"messages": [{"role": "user", "content": "Tell me about the moon and the tides of the sea."},
+                          {"role": "assistant", "content": "The moon pulls on the oceans, raising two bulges of "
+                                                           "water that the earth turns under every day."}]}]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    spec = {"type": "teacher_samples", "teacher": str(teacher_dir), "prompts": f"jsonl:{src}", "num": 5,
+            "max_new_tokens": 5, "batch_size": 2, "temperature": 0, "style": "continue", "prefix_tokens": 8}
+    out = list(load_conversations(spec))
+    assert len(out) == 2 and all(isinstance(d, str) for d in out)  # plain documents, not chats
+    plain = [long_text, "Tell me about the moon and the tides of the sea.\n\nThe moon pulls on the oceans, raising "
+                        "two bulges of water that the earth turns under every day."]
+    for doc, text in zip(out, plain):
+        prefix = tok(text, add_special_tokens=True)["input_ids"][:8]
+        ids = torch.tensor([prefix])
+        with torch.no_grad():
+            ref = teacher_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                         max_new_tokens=5, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+        assert doc == tok.decode(ref[0], skip_special_tokens=True)
+        assert doc.startswith(tok.decode(prefix, skip_special_tokens=True)[:20])
+    # the style is part of the cache key: the answer style of the same source is another file
+    from zebra.data.samples import samples_path
+
+    assert samples_path(spec) != samples_path({**spec, "style": "answer"})
+    with pytest.raises(ZebraError, match="'style'"):
+        normalize_spec({**spec, "style": "poem"})
+    with pytest.raises(ZebraError, match="prefix_tokens"):
+        normalize_spec({**spec, "prefix_tokens": 0})

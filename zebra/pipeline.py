@@ -145,8 +145,9 @@ class Run:
                          batch_size=self.cfg["eval"]["batch_size"])
 
     def stream(self, split: str, stage: dict, loss_on: str = "all", all_ranks: bool = True):
-        """A PackedStream of this rank's batches. all_ranks: every rank builds it now (a training stage), so rank 0
-        tokenises first and the others then read the cache; False: only this rank does (no barrier)."""
+        """A PackedStream of this rank's batches, from the stage's own `data` when it has one, else the run's.
+        all_ranks: every rank builds it now (a training stage), so rank 0 tokenises first and the others then read
+        the cache; False: only this rank does (no barrier)."""
         import contextlib
 
         from .assets import cache_dir
@@ -155,7 +156,7 @@ class Run:
 
         # tokenised sources are cached by (tokenizer, source, loss_on) under the zebra cache: every run shares them
         with main_first() if all_ranks else contextlib.nullcontext():
-            return build_dataset(self.tokenizer(), self.cfg["data"],
+            return build_dataset(self.tokenizer(), stage.get("data") or self.cfg["data"],
                                  seq_len=stage.get("seq_len") or self.cfg["seq_len"], split=split,
                                  seed=self.cfg["seed"], max_tokens=stage["tokens"], batch_size=stage["batch_size"],
                                  ild_fraction=self.cfg["ild_fraction"], loss_on=loss_on,

@@ -46,7 +46,8 @@ DEFAULTS = {
                 "seq_len": None, "betas": [0.9, 0.95], "warmup_steps": 0, "warmup_frac": 0.01, "schedule": "cosine",
                 "decay_frac": 0.2, "loss_on": "assistant", "token_weighting": "tokens", "ckpt_every": 50,
                 "grad_checkpointing": False, "eval_every": 0, "curve_seqs": 32, "curve_tasks": None,
-                "curve_limit": 200, "time_budget_s": 0.0},
+                "curve_limit": 200, "time_budget_s": 0.0,
+                "data": None},  # the distillation's own sources (default: the run's data)
     "pairs": {"num_pairs": 256, "max_new_tokens": 128, "temperature": 1.0, "batch_size": 32},
     "dpo": {"enabled": True, "lr": 5e-7, "beta": 0.1, "epochs": 1, "batch_size": 4, "grad_accum": 1,
             "max_len": 1024, "ckpt_every": 50, "pairs_file": None},  # pairs_file: your own (prompt, chosen, rejected) JSONL
@@ -68,6 +69,7 @@ TYPES = {
     "distill.seq_len": (int, None),
     "distill.lr_other": (float, None),
     "distill.curve_tasks": (list, None),
+    "distill.data": (list, None),
     "eval.tasks": (list, str),
     "dpo.pairs_file": (str, None),
     "eval.limit": (float, None),
@@ -145,8 +147,8 @@ def _merge(base: dict, over: dict, where: str = "") -> dict:
             if not isinstance(v, dict):
                 raise ZebraError(f"config key {key!r} must be a mapping")
             out[k] = _merge(base[k], v, f"{key}.")
-        elif k == "data" and not where:
-            out[k] = v if isinstance(v, list) else [v]
+        elif k == "data":  # the run's sources, or a stage's own: a single source is a list of one
+            out[k] = None if v is None and where else (v if isinstance(v, list) else [v])
         else:
             out[k] = _typed(v, base[k], key)
     return out
@@ -175,15 +177,18 @@ def check(cfg: dict) -> dict:
         if len(b) != 2:
             raise ZebraError(f"config key '{stage}.betas' must be two numbers")
         cfg[stage]["betas"] = [_number(x, float, f"{stage}.betas") for x in b]
-    if not cfg["data"]:
-        raise ZebraError("config key 'data' lists no source")
-    for spec in cfg["data"]:  # teacher-sampled data: the run's teacher writes it unless the source names one
-        if isinstance(spec, dict) and str(spec.get("type", "")).lower() == "teacher_samples" and not spec.get("teacher"):
-            spec["teacher"] = cfg["teacher"]
     from .data.sources import normalize_spec
 
-    for spec in cfg["data"]:  # a bad source fails here, before any stage starts or writes
-        normalize_spec(spec)
+    for key, sources in (("data", cfg["data"]), ("distill.data", cfg["distill"]["data"])):
+        if sources is None:  # distill.data: the run's data
+            continue
+        if not sources:
+            raise ZebraError(f"config key {key!r} lists no source")
+        for spec in sources:  # teacher-sampled data: the run's teacher writes it unless the source names one
+            if isinstance(spec, dict) and str(spec.get("type", "")).lower() == "teacher_samples" \
+                    and not spec.get("teacher"):
+                spec["teacher"] = cfg["teacher"]
+            normalize_spec(spec)  # a bad source fails here, before any stage starts or writes
     if cfg["eval"]["tasks"]:
         from .eval.lm_eval_tasks import parse_tasks
 

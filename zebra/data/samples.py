@@ -1,10 +1,16 @@
-"""Teacher-sampled training data (sequence-level distillation): the teacher answers the first user turn of the
-conversations of a chat source, and (prompt, the teacher's answer) become training conversations. The student is
-then distilled on text from the teacher's own distribution, where the teacher is most confident, rather than on
-the replies of whatever model wrote the chat data.
+"""Teacher-sampled training data (sequence-level distillation): text from the teacher's own distribution, where
+the teacher is most confident, rather than the replies of whatever model wrote the chat data. Two styles:
+
+    "style": "answer"    (default) the teacher answers the first user turn of each conversation of a chat source;
+                         (prompt, the teacher's answer) become training conversations.
+    "style": "continue"  the teacher continues the first `prefix_tokens` tokens of each document of the source,
+                         rendered as plain text (no chat template); prefix + continuation become plain documents:
+                         free text in the teacher's pretraining-like distribution, the kind multiple-choice
+                         benchmarks score (HellaSwag endings, ARC answers), which chat data covers least.
 
     {"type": "teacher_samples", "teacher": "smollm2-135m-instruct", "prompts": "sharegpt", "num": 20000,
-     "max_new_tokens": 384, "batch_size": 256, "temperature": 1.0, "seed": 0, "max_prompt_tokens": 512}
+     "max_new_tokens": 384, "batch_size": 256, "temperature": 1.0, "seed": 0, "max_prompt_tokens": 512,
+     "style": "answer", "prefix_tokens": 32}
 
 Generated once through `model.generate(..., cache_implementation="static")` (zebra.generation: the static-cache
 engine, CUDA graphs on a GPU, one engine per batch size), on the GPU when there is one, and cached in
@@ -24,7 +30,8 @@ from pathlib import Path
 from ..errors import ZebraError
 
 DEFAULTS = {"prompts": "sharegpt", "num": 2000, "max_new_tokens": 384, "batch_size": 64, "temperature": 1.0,
-            "seed": 0, "max_prompt_tokens": 512}
+            "seed": 0, "max_prompt_tokens": 512, "style": "answer", "prefix_tokens": 32}
+STYLES = ("answer", "continue")
 KEYS = set(DEFAULTS) | {"teacher"}
 
 
@@ -34,7 +41,9 @@ def check_spec(spec: dict) -> dict:
         raise ZebraError("a teacher_samples source needs 'teacher': the model that writes the answers "
                          "(a name such as smollm2-135m-instruct or an HF folder)")
     out = {**DEFAULTS, **{k: v for k, v in spec.items() if k in KEYS}}
-    for key in ("num", "max_new_tokens", "batch_size", "max_prompt_tokens"):
+    if out["style"] not in STYLES:
+        raise ZebraError(f"teacher_samples 'style' must be one of {', '.join(STYLES)}, got {out['style']!r}")
+    for key in ("num", "max_new_tokens", "batch_size", "max_prompt_tokens", "prefix_tokens"):
         v = out[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ZebraError(f"teacher_samples '{key}' must be a positive integer, got {v!r}")
@@ -73,6 +82,30 @@ def first_user_prompts(conversations, num: int, tok, max_prompt_tokens: int) -> 
     return out
 
 
+def text_prefixes(conversations, num: int, tok, prefix_tokens: int) -> list[list[int]]:
+    """Up to `num` distinct token prefixes, exactly `prefix_tokens` long, of the source's documents as plain text
+    (chats joined without template, as render "plain"; tokenised as plain documents are, with special tokens).
+    Documents shorter than twice the prefix are skipped (too little text to say what comes next)."""
+    from .sources import plain_text
+
+    seen, out = set(), []
+    for conv in conversations:
+        text = plain_text(conv) if isinstance(conv, list) else conv
+        if not isinstance(text, str) or not text.strip():
+            continue
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        if len(ids) < 2 * prefix_tokens:
+            continue
+        key = tuple(ids[:prefix_tokens])
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append(list(key))
+        if len(out) >= num:
+            break
+    return out
+
+
 def generate_samples(spec: dict, progress: bool = True) -> Path:
     """The cached JSONL of {"messages": [user prompt, the teacher's answer]} for `spec` (made now if missing)."""
     import torch
@@ -91,10 +124,17 @@ def generate_samples(spec: dict, progress: bool = True) -> Path:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"  # generation continues at the right edge
-    prompts = first_user_prompts(load_conversations(opts["prompts"]), opts["num"], tok, opts["max_prompt_tokens"])
-    if not prompts:
-        raise ZebraError(f"teacher_samples: the prompt source {opts['prompts']!r} has no conversation that starts "
-                         "with a user turn")
+    cont = opts["style"] == "continue"
+    if cont:
+        prompts = text_prefixes(load_conversations(opts["prompts"]), opts["num"], tok, opts["prefix_tokens"])
+        if not prompts:
+            raise ZebraError(f"teacher_samples: the prompt source {opts['prompts']!r} has no document of at least "
+                             f"{2 * opts['prefix_tokens']} tokens to continue")
+    else:
+        prompts = first_user_prompts(load_conversations(opts["prompts"]), opts["num"], tok, opts["max_prompt_tokens"])
+        if not prompts:
+            raise ZebraError(f"teacher_samples: the prompt source {opts['prompts']!r} has no conversation that "
+                             "starts with a user turn")
     gen = torch.Generator(model.device).manual_seed(opts["seed"])
     sample = opts["temperature"] > 0
     rows = []
@@ -107,17 +147,26 @@ def generate_samples(spec: dict, progress: bool = True) -> Path:
     with torch.no_grad():
         for b in batches:
             chunk = prompts[b:b + bs]
-            texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True) for p in chunk]
-            enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            if cont:  # equal-length prefixes: no padding
+                ids = torch.tensor(chunk, device=model.device)
+                enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            else:
+                texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                 add_generation_prompt=True) for p in chunk]
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             kw = {"do_sample": True, "temperature": float(opts["temperature"]), "generator": gen} if sample else \
                 {"do_sample": False}
             out = model.generate(**enc, max_new_tokens=opts["max_new_tokens"], pad_token_id=tok.pad_token_id,
                                  cache_implementation="static", top_k=None, top_p=None, **kw)
             for p, g in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-                answer = tok.decode(g, skip_special_tokens=True).strip()
-                if answer:
-                    rows.append({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": answer}]})
+                answer = tok.decode(g, skip_special_tokens=True)
+                if not answer.strip():
+                    continue
+                if cont:
+                    rows.append({"text": tok.decode(list(p) + g.tolist(), skip_special_tokens=True)})
+                else:
+                    rows.append({"messages": [{"role": "user", "content": p},
+                                              {"role": "assistant", "content": answer.strip()}]})
     if not rows:
         raise ZebraError("teacher_samples: the teacher produced no non-empty answer")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -47,10 +47,12 @@ text source, which holds nothing else, accepts and ignores "render". "plain_frac
 goes with render "mixed" only.
 
     {"type": "teacher_samples", "teacher": NAME, "prompts": "sharegpt", "num": 2000, "max_new_tokens": 384,
-     "batch_size": 64, "temperature": 1.0, "seed": 0, "max_prompt_tokens": 512}
+     "batch_size": 64, "temperature": 1.0, "seed": 0, "max_prompt_tokens": 512, "style": "answer",
+     "prefix_tokens": 32}
         The teacher's own answers to the first user turns of the prompt source (any chat source spec; its
-        held-out slice excluded as always): sequence-level distillation data, generated once through the
-        static-cache engine and cached (zebra.data.samples).
+        held-out slice excluded as always), or with "style": "continue" its continuations of the first
+        `prefix_tokens` tokens of each document as plain text: sequence-level distillation data, generated once
+        through the static-cache engine and cached (zebra.data.samples).
 
 String shorthands: "sharegpt", "jsonl:PATH", "text:PATH", "hf:PATH"; a bare path is guessed
 (.jsonl / .json file -> jsonl, a `save_to_disk` dir -> hf, anything else -> text).
@@ -90,7 +92,7 @@ _KEYS = {
     "text": _COMMON,
     "hf": _COMMON | {"split", "name", "messages_field", "text_field"},
     "teacher_samples": (_COMMON - {"path"}) | {"teacher", "prompts", "num", "max_new_tokens", "batch_size",
-                                              "temperature", "seed", "max_prompt_tokens"},
+                                              "temperature", "seed", "max_prompt_tokens", "style", "prefix_tokens"},
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?")
 # Hub names of the benchmark sets the eval code scores (zebra.assets.OLMO_DATASETS and the paper's tasks):

@@ -54,8 +54,10 @@ def render_report(run_dir, cfg: dict | None = None) -> str:
     s = {name: _read(run / name / "summary.json") or {} for name in
          ("init", "ild", "sensitivity", "smart", "compose", "distill", "pairs", "dpo", "eval")}
     lines = [f"# Zebra run: {cfg.get('name', run.name)}", ""]
+    own = (cfg.get("distill") or {}).get("data")
     lines += [f"base `{cfg.get('base')}`, teacher `{cfg.get('teacher')}`, data {cfg.get('data')}, "
-              f"seq_len {cfg.get('seq_len')}, seed {cfg.get('seed')}", ""]
+              + (f"distillation data {own}, " if own else "")
+              + f"seq_len {cfg.get('seq_len')}, seed {cfg.get('seed')}", ""]
     comp = s["compose"]
     if comp.get("layers") is not None:
         kv = comp.get("kv", {})
