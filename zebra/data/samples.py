@@ -93,7 +93,9 @@ def text_prefixes(conversations, num: int, tok, prefix_tokens: int) -> list[list
         text = plain_text(conv) if isinstance(conv, list) else conv
         if not isinstance(text, str) or not text.strip():
             continue
-        ids = tok(text, add_special_tokens=True)["input_ids"]
+        # only the head of the document is tokenised (a token spans at most a few dozen characters, and a cut far
+        # beyond the prefix cannot change the tokens before it): whole chats cost seconds per thousand
+        ids = tok(text[:64 * prefix_tokens], add_special_tokens=True)["input_ids"]
         if len(ids) < 2 * prefix_tokens:
             continue
         key = tuple(ids[:prefix_tokens])
