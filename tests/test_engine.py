@@ -190,3 +190,49 @@ def test_engine_is_rebuilt_when_the_weights_change():
     fast = model.generate(ids, cache_implementation="static", **kw)
     assert model._zebra_engines[1] is not first
     assert fast.tolist() == model.generate(ids, **kw).tolist()
+
+
+@pytest.mark.parametrize("layout", ["all-types", "mla", "mamba2"])
+def test_model_forward_into_a_static_cache_equals_full_forward(layout):
+    """One cache object for every path: the model's own forward prefills a ZebraCache.static and then decodes one
+    token per call (its decode_step), giving the logits of one full forward, left padding included; the engine
+    runs exactly that decode_step (counted), not a copy of the layer loop."""
+    from transformers.cache_utils import Cache
+
+    from zebra.model.cache import ZebraCache
+
+    model = tiny_model(ALL[layout], qk_norm=False)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 97, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1: 3 tokens of left padding
+    with torch.no_grad():
+        full = model(ids, attention_mask=mask, use_cache=False).logits
+        cache = ZebraCache.static(model, batch_size=2, max_len=16)
+        assert isinstance(cache, Cache) and cache.is_static
+        got = [model(ids[:, :4], attention_mask=mask[:, :4], past_key_values=cache, use_cache=True).logits[:, -1]]
+        assert cache.get_seq_length() == 4
+        for t in range(4, 9):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            assert out.logits.shape == (2, 1, 97)
+            got.append(out.logits[:, 0])
+        assert cache.get_seq_length() == 9 and int(cache.pos) == 9
+    # row 1's logits at real positions only
+    torch.testing.assert_close(torch.stack(got, 1)[0], full[0, 3:9], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(got, 1)[1], full[1, 3:9], atol=2e-5, rtol=1e-4)
+    with pytest.raises(ZebraError, match="takes a prompt when empty"):
+        model(ids[:, :2], past_key_values=cache, use_cache=True)
+    cache.reset()
+    assert cache.get_seq_length() == 0 and int(cache.pos) == 0 and cache.nbytes() > 0
+
+    calls = []
+    real = model.decode_step
+
+    def counted(tokens, c):
+        calls.append(c)
+        return real(tokens, c)
+
+    model.decode_step = counted
+    eng = StaticEngine(model, batch_size=2, max_len=16, cuda_graph=False)
+    eng.generate(ids[:, :4], max_new_tokens=3)
+    assert len(calls) == 2 and all(c is eng.cache for c in calls)  # the first new token comes from the prefill

@@ -14,16 +14,18 @@ kv_start and kv_len live in GPU memory, so one decode step has no host synchroni
 that changes between steps: it is captured once as a CUDA graph and replayed (cuda_graph=True).
 
 Each mixer owns its static state and its one-token step (static_state / load_state / decode_step in
-zebra/model/attention.py, mla.py, mamba2.py); the engine allocates, loops over the layers (fused residual + norm,
-the MLP) and captures the step. The mixers' steps use two ops from zebra.ops.dispatch:
+zebra/model/attention.py, mla.py, mamba2.py); the cache is the model's own ZebraCache in its static layout
+(ZebraCache.static), the step the model's own decode_step (ZebraModel.decode_step: the layer loop with fused
+residual + norm and MLP), the prefill the model's forward into that cache. The engine itself only preallocates,
+captures the step as a CUDA graph and runs the sampling loop. The mixers' steps use two ops from zebra.ops.dispatch:
   decode_attention  softmax attention of one query per head over the cached rows. GQA: per KV group.
                     MLA: absorbed (W_UK folded into the query, W_UV into the output), all heads over the
                     latent rows, which are read once for all heads.
   mamba2_step       conv-ring update, SiLU, dt softplus, in-place state update, C readout and D skip.
 On CUDA these are Triton kernels (zebra/kernels/decode.py); elsewhere the PyTorch references.
 
-Prefill runs the ordinary model forward (SDPA / the chunked scan) with a dynamic cache, then copies its
-states into the static buffers.
+Prefill runs the ordinary model forward (SDPA / the chunked scan) with a growing cache, then copies its
+states into the static buffers (ZebraCache.load).
 
     eng = StaticEngine(model, batch_size=4, max_len=2048)
     out = eng.generate(input_ids, attention_mask, max_new_tokens=256)      # (B, T + new) token ids
@@ -36,7 +38,6 @@ import torch.nn.functional as F
 
 from ..errors import ZebraError
 from ..model.cache import ZebraCache
-from ..ops.dispatch import fused_op
 
 
 class StaticEngine:
@@ -45,78 +46,50 @@ class StaticEngine:
             raise ZebraError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.model = model.eval()
         self.weights_key = weights_key(model)  # fast_generate rebuilds the engine when this changes
-        self.config = cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.B, self.L = batch_size, max_len
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ZebraError("cuda_graph=True needs the model on a CUDA device")
-        B, L, dev, dt = batch_size, max_len, self.device, self.dtype
-        self.layers = model.model.layers
-        self.silu = cfg.hidden_act in ("silu", "swish")  # the fused MLP activation is SiLU
-        # each mixer allocates its own static state (static_state) and decodes one token over it (decode_step)
-        self.mixers = [layer.mamba if layer.mixer_type == "mamba2" else layer.self_attn for layer in self.layers]
-        self.cache: list[dict[str, torch.Tensor]] = [m.static_state(B, L, dev, dt) for m in self.mixers]
-        self.pos = torch.zeros(1, dtype=torch.long, device=dev)  # slot of the token being decoded
-        self.kv_start = torch.zeros(B, dtype=torch.int32, device=dev)
-        self.kv_len = torch.ones(B, dtype=torch.int32, device=dev)
-        self.tokens = torch.zeros(B, dtype=torch.long, device=dev)  # the step's input (static for the graph)
+        self.cache = ZebraCache.static(model, batch_size, max_len)  # each mixer's static state, preallocated
+        self.tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # the step's input (static)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.length = 0  # host-side mirror of pos (slots in use), for bounds checks only
         if self.cuda_graph:
             self._capture()
 
+    @property
+    def length(self) -> int:
+        """Slots in use (host-side; the device-side position is cache.pos)."""
+        return self.cache.seen_tokens
+
     # ---- sizes ----------------------------------------------------------------------------------------
     def cache_nbytes(self) -> int:
-        return sum(c[k].numel() * c[k].element_size() for m, c in zip(self.mixers, self.cache) for k in m.STATE)
+        return self.cache.nbytes()
 
     # ---- state ----------------------------------------------------------------------------------------
     def reset(self):
-        for m, c in zip(self.mixers, self.cache):
-            for k in m.STATE:
-                c[k].zero_()
-        self.pos.zero_()
-        self.kv_start.zero_()
-        self.length = 0
+        self.cache.reset()
 
     def set_context_length(self, s: int):
         """Benchmarks: pretend s tokens are cached (contents as they are), so a step at context s can be timed."""
         if not 0 <= s < self.L:
             raise ZebraError(f"context length {s} outside [0, {self.L})")
-        self.pos.fill_(s)
-        self.kv_start.zero_()
-        self.length = s
+        self.cache.pos.fill_(s)
+        self.cache.kv_start.zero_()
+        self.cache.seen_tokens = s
 
     # ---- prefill --------------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """Run the prompt (B, T) through the model's ordinary forward, copy its states into the static cache,
-        and return the last position's logits (B, V). Prompts must be left-padded (attention_mask 0 first)."""
-        B, T = input_ids.shape
-        if B != self.B:
-            raise ZebraError(f"engine built for batch {self.B}, got a prompt batch of {B}")
-        if T >= self.L:
-            raise ZebraError(f"prompt of {T} tokens does not fit max_len {self.L} (room is needed to generate)")
-        if attention_mask is not None:
-            am = attention_mask.to(self.device)
-            if bool((am[:, 1:] < am[:, :-1]).any()):
-                raise ZebraError("only left padding is supported (attention_mask must be 0...0 1...1 per row)")
-            if bool((am.sum(-1) == 0).any()):
-                raise ZebraError("a prompt row is all padding")
-            pad = (T - am.sum(-1)).to(torch.int32)
-        else:
-            am, pad = None, torch.zeros(B, dtype=torch.int32, device=self.device)
-        self.reset()
-        dyn = ZebraCache(self.config)
-        out = self.model(input_ids=input_ids.to(self.device), attention_mask=am, past_key_values=dyn,
-                         use_cache=True, logits_to_keep=1)
-        for m, c in zip(self.mixers, self.cache):
-            m.load_state(c, dyn, T)
-        self.pos.fill_(T)
-        self.kv_start.copy_(pad)
-        self.length = T
+        """Run the prompt (B, T) through the model into the static cache (the model's forward: the ordinary
+        forward, then each mixer's load_state) and return the last position's logits (B, V). Prompts must be
+        left-padded (attention_mask 0 first)."""
+        self.cache.reset()
+        out = self.model(input_ids=input_ids.to(self.device),
+                         attention_mask=None if attention_mask is None else attention_mask.to(self.device),
+                         past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1]
 
     # ---- one decode step ------------------------------------------------------------------------------
@@ -124,40 +97,18 @@ class StaticEngine:
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Decode one token per row: tokens (B,) -> logits (B, V) (a view of a static buffer when a graph is
         used: copy it if you keep it past the next step)."""
-        if self.length >= self.L:
+        if self.cache.seen_tokens >= self.L:
             raise ZebraError(f"the static cache is full ({self.L} tokens)")
         self.tokens.copy_(tokens)
         if self.graph is not None:
             self.graph.replay()
         else:
             self.logits = self._step()
-        self.length += 1
+        self.cache.seen_tokens += 1
         return self.logits
 
     def _step(self) -> torch.Tensor:
-        B = self.B
-        self.kv_len.copy_((self.pos + 1).to(torch.int32).expand(B))
-        pos_ids = (self.pos - self.kv_start.long())[:, None]  # (B, 1) RoPE positions (padding not counted)
-        mm = self.model.model
-        h = mm.embed_tokens(self.tokens)[:, None]  # (B, 1, d)
-        rope = {}
-        pending = None  # the last sub-block's output, added to h inside the next norm (one kernel)
-        for layer, mixer, c in zip(self.layers, self.mixers, self.cache):
-            ln = layer.input_layernorm
-            h, x = fused_op("add_rms_norm", h, pending, ln.weight, ln.eps)
-            key = (layer.mixer_type, getattr(mixer, "rope_key", None))
-            if layer.mixer_type != "mamba2" and key not in rope:
-                rope[key] = mm.rope(layer, pos_ids, x.dtype)
-            x = mixer.decode_step(x, rope.get(key), c, self.pos, self.kv_start, self.kv_len)
-            ln = layer.post_attention_layernorm
-            h, x = fused_op("add_rms_norm", h, x, ln.weight, ln.eps)
-            mlp = layer.mlp
-            g, u = mlp.gate_proj(x), mlp.up_proj(x)
-            pending = mlp.down_proj(fused_op("silu_mul", g, u) if self.silu else mlp.act_fn(g) * u)
-        h, h_norm = fused_op("add_rms_norm", h, pending, mm.norm.weight, mm.norm.eps)
-        logits = self.model.lm_head(h_norm)[:, 0]
-        self.pos.add_(1)
-        return logits
+        return self.model.decode_step(self.tokens, self.cache)  # the model's own one-token step
 
     # ---- CUDA graph -----------------------------------------------------------------------------------
     def _capture(self):

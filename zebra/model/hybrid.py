@@ -21,7 +21,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..config import ZebraConfig
 from .attention import Attention
-from .cache import ZebraCache
+from .cache import ZebraCache, ZebraError
 from .common import MLP, RMSNorm, Rotary, attention_bias, doc_segments, rope_inv_freq, varlen_available
 from .mamba2 import Mamba2
 from .mla import MLA
@@ -217,6 +217,8 @@ class ZebraModel(ZebraPreTrainedModel):
         cache = past_key_values if use_cache or past_key_values is not None else None
         if use_cache and cache is None and not self.training:
             cache = ZebraCache(self.config)
+        if cache is not None and cache.is_static:
+            return self._static_forward(input_ids, attention_mask, h, cache, output_hidden_states)
         past = cache.seen_tokens if cache is not None else 0
         ctx = self.context(attention_mask, position_ids, B, T, past, h.dtype, h.device, doc_ids)
         hidden = [h] if output_hidden_states else None
@@ -234,6 +236,73 @@ class ZebraModel(ZebraPreTrainedModel):
             hidden[-1] = h  # as transformers: the last entry is after the final norm
         return BaseModelOutputWithPast(last_hidden_state=h, **{_CACHE_FIELD: cache},
                                        hidden_states=tuple(hidden) if hidden is not None else None)
+
+
+    # ---- the static cache (ZebraCache.static): prefill, then one token per step ----------------------------
+    def _static_forward(self, input_ids, attention_mask, h, cache: ZebraCache, output_hidden_states):
+        """A forward into a static cache: a prompt (T > 1, or any T into an empty cache) is prefilled through the
+        ordinary forward into a growing cache and taken over by the static buffers (left padding only); one
+        token into a filled cache is decode_step."""
+        B, T, _ = h.shape
+        if output_hidden_states:
+            raise ZebraError("output_hidden_states is not available with a static cache")
+        if B != cache.kv_start.shape[0]:
+            raise ZebraError(f"the static cache holds a batch of {cache.kv_start.shape[0]}, got {B} rows")
+        if cache.seen_tokens and T == 1 and input_ids is not None:
+            if cache.seen_tokens >= cache.max_len:
+                raise ZebraError(f"the static cache is full ({cache.max_len} tokens)")
+            out = self.decode_step(input_ids[:, 0], cache)
+            cache.seen_tokens += 1
+            return BaseModelOutputWithPast(last_hidden_state=out, **{_CACHE_FIELD: cache})
+        if cache.seen_tokens:
+            raise ZebraError("a static cache takes a prompt when empty (reset it), then one token per forward")
+        if T >= cache.max_len:
+            raise ZebraError(f"a prompt of {T} tokens does not fit the static cache's {cache.max_len} positions "
+                             "(room is needed to generate)")
+        if attention_mask is not None:
+            am = attention_mask.to(h.device)
+            if bool((am[:, 1:] < am[:, :-1]).any()):
+                raise ZebraError("only left padding is supported (attention_mask must be 0...0 1...1 per row)")
+            if bool((am.sum(-1) == 0).any()):
+                raise ZebraError("a prompt row is all padding")
+            pad = (T - am.sum(-1)).to(torch.int32)
+        else:
+            am, pad = None, torch.zeros(B, dtype=torch.int32, device=h.device)
+        grown = ZebraCache(self.config)
+        out = self(inputs_embeds=h, attention_mask=am, past_key_values=grown, use_cache=True)
+        cache.load([layer.mixer for layer in self.layers], grown, T, pad)
+        return BaseModelOutputWithPast(last_hidden_state=out.last_hidden_state, **{_CACHE_FIELD: cache})
+
+    def decode_step(self, tokens, cache: ZebraCache) -> torch.Tensor:
+        """One token per row into a static cache: tokens (B,) -> the final normalised hidden state (B, 1, d).
+        Every layer's mixer runs its own decode_step over its static state; residual adds are fused into the
+        next RMSNorm and the MLP's SiLU into its product. Device work only (no host synchronisation, no
+        allocation that changes between steps), so the whole step can be captured as one CUDA graph
+        (zebra.generation.StaticEngine). Advances cache.pos; the host-side cache.seen_tokens is the caller's."""
+        from ..ops.dispatch import fused_op
+
+        B = tokens.shape[0]
+        cache.kv_len.copy_((cache.pos + 1).to(torch.int32).expand(B))
+        pos_ids = (cache.pos - cache.kv_start.long())[:, None]  # (B, 1) RoPE positions (padding not counted)
+        h = self.embed_tokens(tokens)[:, None]  # (B, 1, d)
+        rope = {}
+        pending = None  # the last sub-block's output, added to h inside the next norm (one kernel)
+        for layer, state in zip(self.layers, cache.state):
+            ln, mixer = layer.input_layernorm, layer.mixer
+            h, x = fused_op("add_rms_norm", h, pending, ln.weight, ln.eps)
+            key = (layer.mixer_type, getattr(mixer, "rope_key", None))
+            if layer.mixer_type != "mamba2" and key not in rope:
+                rope[key] = self.rope(layer, pos_ids, x.dtype)
+            x = mixer.decode_step(x, rope.get(key), state, cache.pos, cache.kv_start, cache.kv_len)
+            ln = layer.post_attention_layernorm
+            h, x = fused_op("add_rms_norm", h, x, ln.weight, ln.eps)
+            mlp = layer.mlp
+            g, u = mlp.gate_proj(x), mlp.up_proj(x)
+            silu = self.config.hidden_act in ("silu", "swish")
+            pending = mlp.down_proj(fused_op("silu_mul", g, u) if silu else mlp.act_fn(g) * u)
+        _, h = fused_op("add_rms_norm", h, pending, self.norm.weight, self.norm.eps)
+        cache.pos.add_(1)
+        return h
 
 
 class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
@@ -291,6 +360,10 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)},
                                       hidden_states=out.hidden_states)
+
+    def decode_step(self, tokens, cache: ZebraCache) -> torch.Tensor:
+        """One token per row into a static cache (ZebraModel.decode_step): tokens (B,) -> logits (B, V)."""
+        return self.lm_head(self.model.decode_step(tokens, cache))[:, 0]
 
     def generate(self, inputs=None, generation_config=None, **kwargs):
         """transformers' generate, or with cache_implementation="static" (argument or generation config) the
