@@ -88,23 +88,32 @@ def text_prefixes(conversations, num: int, tok, prefix_tokens: int) -> list[list
     Documents shorter than twice the prefix are skipped (too little text to say what comes next)."""
     from .sources import plain_text
 
-    seen, out = set(), []
+    seen, out, heads = set(), [], []
+
+    def take(batch) -> bool:  # tokenise a batch of document heads at once (the fast tokenizer's batch call)
+        for ids in tok(batch, add_special_tokens=True)["input_ids"]:
+            key = tuple(ids[:prefix_tokens])
+            if len(ids) < 2 * prefix_tokens or key in seen:
+                continue
+            seen.add(key)
+            out.append(list(key))
+            if len(out) >= num:
+                return True
+        return False
+
     for conv in conversations:
         text = plain_text(conv) if isinstance(conv, list) else conv
         if not isinstance(text, str) or not text.strip():
             continue
         # only the head of the document is tokenised (a token spans at most a few dozen characters, and a cut far
         # beyond the prefix cannot change the tokens before it): whole chats cost seconds per thousand
-        ids = tok(text[:64 * prefix_tokens], add_special_tokens=True)["input_ids"]
-        if len(ids) < 2 * prefix_tokens:
-            continue
-        key = tuple(ids[:prefix_tokens])
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(list(key))
-        if len(out) >= num:
-            break
+        heads.append(text[:64 * prefix_tokens])
+        if len(heads) == 1024:
+            if take(heads):
+                return out
+            heads = []
+    if heads:
+        take(heads)
     return out
 
 
