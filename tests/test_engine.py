@@ -236,3 +236,26 @@ def test_model_forward_into_a_static_cache_equals_full_forward(layout):
     eng = StaticEngine(model, batch_size=2, max_len=16, cuda_graph=False)
     eng.generate(ids[:, :4], max_new_tokens=3)
     assert len(calls) == 2 and all(c is eng.cache for c in calls)  # the first new token comes from the prefill
+
+
+@pytest.mark.parametrize("layout", ["all-types", "mamba2"])
+def test_transformers_generate_over_a_static_cache(layout):
+    """transformers' own generate, given a ZebraCache.static, prefills it once and then feeds one token per step
+    through the model's decode_step, with the tokens of the growing-cache generate (left padding included)."""
+    from zebra.model.cache import ZebraCache
+    from zebra.model.hybrid import _CACHE_FIELD
+
+    model = tiny_model(ALL[layout])
+    g = torch.Generator().manual_seed(9)
+    ids = torch.randint(1, 97, (2, 6), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ref = model.generate(ids, **kw)
+    cache = ZebraCache.static(model, batch_size=2, max_len=32)
+    steps = []
+    real = model.model.decode_step
+    model.model.decode_step = lambda tokens, c: steps.append(tokens.shape) or real(tokens, c)
+    out = model.generate(ids, **kw, **{_CACHE_FIELD: cache})  # the name this transformers uses for the cache
+    assert out.tolist() == ref.tolist()
+    assert steps == [torch.Size([2])] * 7 and cache.get_seq_length() == 6 + 7

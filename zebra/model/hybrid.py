@@ -344,10 +344,11 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         logits_to_keep: int = 0,
         return_dict: bool | None = None,
         doc_ids=None,
+        cache=None,
         **kwargs,
     ):
-        if past_key_values is None:  # newer transformers pass the cache as `cache`
-            past_key_values = kwargs.pop("cache", None)
+        if past_key_values is None:  # newer transformers pass the cache as `cache` (a named argument, so their
+            past_key_values = cache  # generate accepts a cache given by the caller, e.g. ZebraCache.static)
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
                          output_hidden_states=output_hidden_states, doc_ids=doc_ids)
@@ -377,12 +378,12 @@ class ZebraForCausalLM(ZebraPreTrainedModel, GenerationMixin):
         return super().generate(inputs, generation_config=generation_config, **kwargs)
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      inputs_embeds=None, use_cache=True, **kwargs):
+                                      inputs_embeds=None, use_cache=True, cache=None, **kwargs):
         # Our own, so generate's cache handling (which changes between transformers versions) never
         # touches the hybrid cache: make one on the first step, then feed only the uncached tokens.
         # transformers < 5.2x threads the cache as `past_key_values`, newer ones as `cache`: take either.
         if past_key_values is None:
-            past_key_values = kwargs.pop("cache", None)
+            past_key_values = cache
         if not isinstance(past_key_values, ZebraCache):
             past_key_values = ZebraCache(self.config) if use_cache else None
         past = past_key_values.seen_tokens if past_key_values is not None else 0
