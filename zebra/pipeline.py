@@ -197,6 +197,7 @@ class Run:
         s = self.cfg["student"]
         d = self.write_stage_config("init")
         out, models, seconds = {}, {}, {}
+        first_batch = None
         clock = time.perf_counter()
 
         def lap(name):  # where the stage's time goes, in its summary
@@ -221,6 +222,7 @@ class Run:
                 teacher = self.eval_teacher()
                 lap("data_and_teacher")
                 report["calibration"] = calibrate_mamba2_norms(teacher, model, batches)
+                first_batch = report["calibration"]["first_batch_seconds"]  # of "calibrate": compilation shows
                 lap("calibrate")
             save_model(model, tok, d / kind, report)
             lap("save")
@@ -235,7 +237,8 @@ class Run:
             _, _, metrics = make_ild_loss(teacher, models, "mixers")(
                 {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)})
         lap("mixer_error")
-        return {"kv": out, "mixer_rel_err": metrics, "seconds_by_part": seconds}
+        return {"kv": out, "mixer_rel_err": metrics, "seconds_by_part": seconds,
+                "calibrate_first_batch_seconds": first_batch}
 
     def _train(self, name: str, models: dict, fn, groups, stream, tcfg, evaluator=None):
         """Train `models` (dict of the stage's trained models) with loss `fn` on every rank: the loss runs as a

@@ -16,6 +16,8 @@ Teacher-forced like ILD: each layer sees the teacher's normalised input to that 
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..stages.ild import teacher_layer_targets
@@ -25,7 +27,8 @@ from ..stages.ild import teacher_layer_targets
 def calibrate_mamba2_norms(teacher, student, batches) -> dict:
     """Set each Mamba2 layer's norm.weight of `student` to the per-channel least-squares scale (see the module
     doc). batches: dicts with input_ids (+ doc_ids / attention_mask), e.g. a few PackedStream batches of training
-    data. Returns {"layers": the calibrated layers, "tokens": tokens used}."""
+    data. Returns {"layers": the calibrated layers, "tokens": tokens used, "first_batch_seconds" (kernel
+    compilation shows here), "seconds"}."""
     layers = [i for i, layer in enumerate(student.model.layers) if layer.mixer_type == "mamba2"]
     num = {i: 0.0 for i in layers}
     den = {i: 0.0 for i in layers}
@@ -42,6 +45,7 @@ def calibrate_mamba2_norms(teacher, student, batches) -> dict:
         handles.append(student.model.layers[i].mamba.norm.register_forward_hook(keep(f"s{i}")))
     saved = {i: student.model.layers[i].mamba.norm.weight.detach().clone() for i in layers}
     tokens = 0
+    first_batch_s, t0 = None, time.perf_counter()  # the first batch pays for kernel compilation: said apart
     try:
         for i in layers:
             student.model.layers[i].mamba.norm.weight.fill_(1.0)  # the hook then sees the normalised signal
@@ -58,6 +62,10 @@ def calibrate_mamba2_norms(teacher, student, batches) -> dict:
                 o, y = captured[f"t{i}"][keepm], captured[f"s{i}"][keepm]  # (n, d_inner)
                 num[i] = num[i] + (o * y).sum(0)
                 den[i] = den[i] + (y * y).sum(0)
+            if first_batch_s is None:
+                if batch["input_ids"].is_cuda:
+                    torch.cuda.synchronize()
+                first_batch_s = round(time.perf_counter() - t0, 2)
         for i in layers:
             w = student.model.layers[i].mamba.norm.weight
             w.copy_((num[i] / den[i].clamp_min(1e-12)).to(w.dtype))
@@ -68,4 +76,5 @@ def calibrate_mamba2_norms(teacher, student, batches) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {"layers": layers, "tokens": tokens}
+    return {"layers": layers, "tokens": tokens, "first_batch_seconds": first_batch_s,
+            "seconds": round(time.perf_counter() - t0, 2)}
