@@ -320,3 +320,22 @@ def test_doc_segments_are_cu_seqlens_padded_to_a_bucket(monkeypatch):
     assert doc_segments(many).numel() == 32 and doc_segments(many)[21:].eq(40).all()
     monkeypatch.setenv("ZEBRA_VARLEN_BUCKET", "0")
     assert doc_segments(doc).tolist() == exact
+
+
+def test_using_backend_sets_and_restores_the_dispatch_backend():
+    """dispatch.using_backend: the backend inside the block, the previous one after it, also after an error."""
+    from zebra.ops import dispatch
+
+    before = dispatch.get_backend()
+    with dispatch.using_backend("torch"):
+        assert dispatch.get_backend() == "torch"
+    assert dispatch.get_backend() == before
+    with pytest.raises(RuntimeError):
+        with dispatch.using_backend("triton"):
+            assert dispatch.get_backend() == "triton"
+            raise RuntimeError("boom")
+    assert dispatch.get_backend() == before
+    with pytest.raises(ValueError, match="backend must be"):
+        with dispatch.using_backend("cuda"):
+            pass
+    assert dispatch.get_backend() == before

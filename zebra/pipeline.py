@@ -221,7 +221,12 @@ class Run:
                 batches = [{k: v.to(self.device) for k, v in b.items()} for b in stream]
                 teacher = self.eval_teacher()
                 lap("data_and_teacher")
-                report["calibration"] = calibrate_mamba2_norms(teacher, model, batches)
+                from .ops.dispatch import using_backend
+
+                # the PyTorch scan and conv (as training's): the GPU kernels' fp32 variable-length forms would be
+                # compiled for these few batches alone
+                with using_backend("torch"):
+                    report["calibration"] = calibrate_mamba2_norms(teacher, model, batches)
                 first_batch = report["calibration"]["first_batch_seconds"]  # of "calibrate": compilation shows
                 lap("calibrate")
             save_model(model, tok, d / kind, report)

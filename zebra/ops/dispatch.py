@@ -11,6 +11,7 @@ through `register()` when first needed; nothing here imports Triton at module im
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -46,6 +47,17 @@ def set_backend(name: str) -> None:
 
 def get_backend() -> str:
     return _BACKEND
+
+
+@contextlib.contextmanager
+def using_backend(name: str):
+    """set_backend(name) inside the block, the previous backend after it."""
+    prev = _BACKEND
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(prev)
 
 
 def _kernel(op: str, tensor, backend: str | None = None):
