@@ -259,3 +259,25 @@ def test_transformers_generate_over_a_static_cache(layout):
     out = model.generate(ids, **kw, **{_CACHE_FIELD: cache})  # the name this transformers uses for the cache
     assert out.tolist() == ref.tolist()
     assert steps == [torch.Size([2])] * 7 and cache.get_seq_length() == 6 + 7
+
+
+def test_bf16_ssm_state_is_an_option_close_to_fp32():
+    """ZebraCache.static(ssm_dtype=torch.bfloat16) stores Mamba2's state in bf16 (half the bytes) and decodes close
+    to the fp32 state; fp32 stays the default; other dtypes are refused."""
+    from zebra.model.cache import ZebraCache
+
+    model = tiny_model(ALL["all-types"], qk_norm=False)
+    ids = torch.randint(1, 97, (2, 12), generator=torch.Generator().manual_seed(2))
+    engs = {dt: StaticEngine(model, batch_size=2, max_len=16, cuda_graph=False, ssm_dtype=dt)
+            for dt in (torch.float32, torch.bfloat16)}
+    ssm = [st["ssm"] for st in engs[torch.bfloat16].cache.state if "ssm" in st]
+    assert ssm and all(t.dtype == torch.bfloat16 for t in ssm)
+    assert engs[torch.bfloat16].cache_nbytes() < engs[torch.float32].cache_nbytes()
+    assert all(st["ssm"].dtype == torch.float32 for st in ZebraCache.static(model, 1, 8).state if "ssm" in st)
+    with torch.no_grad():
+        out = {dt: [e.prefill(ids[:, :4])] + [e.step(ids[:, t]).clone() for t in range(4, 11)] for dt, e in engs.items()}
+    a, b = torch.stack(out[torch.float32], 1), torch.stack(out[torch.bfloat16], 1)
+    assert not torch.equal(a, b)  # the state really is rounded
+    torch.testing.assert_close(b, a, atol=5e-3, rtol=5e-2)
+    with pytest.raises(ZebraError, match="ssm_dtype"):
+        ZebraCache.static(model, 1, 8, ssm_dtype=torch.float16)

@@ -41,7 +41,8 @@ from ..model.cache import ZebraCache
 
 
 class StaticEngine:
-    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None):
+    def __init__(self, model, batch_size: int, max_len: int, cuda_graph: bool | None = None,
+                 ssm_dtype=torch.float32):
         if batch_size < 1 or max_len < 2:
             raise ZebraError(f"batch_size must be >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         self.model = model.eval()
@@ -52,7 +53,7 @@ class StaticEngine:
         self.cuda_graph = (self.device.type == "cuda") if cuda_graph is None else cuda_graph
         if self.cuda_graph and self.device.type != "cuda":
             raise ZebraError("cuda_graph=True needs the model on a CUDA device")
-        self.cache = ZebraCache.static(model, batch_size, max_len)  # each mixer's static state, preallocated
+        self.cache = ZebraCache.static(model, batch_size, max_len, ssm_dtype)  # each mixer's own state, preallocated
         self.tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # the step's input (static)
         self.logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None

@@ -220,9 +220,10 @@ def _mamba2_step_kernel(XBC, RING, POS, W, BIAS, DT, DT_BIAS, A_LOG, D, STATE, Y
     dA = tl.exp(-dt * tl.exp(tl.load(A_LOG + h).to(tl.float32)))
     sp = STATE + b * ss_b + h * ss_h + op[:, None] * ss_p + on[None, :]
     smask = pm[:, None] & nm[None, :]
-    st = tl.load(sp, mask=smask, other=0.0)
+    st = tl.load(sp, mask=smask, other=0.0).to(tl.float32)  # fp32 or bf16 storage, fp32 arithmetic
     st = st * dA + (dt * x)[:, None] * bv[None, :]
-    tl.store(sp, st, mask=smask)
+    tl.store(sp, st.to(STATE.dtype.element_ty, fp_downcast_rounding="rtne"), mask=smask)  # rounded once (to nearest);
+    # the readout below uses the unrounded fp32 state
     y = tl.sum(st * cv[None, :], 1) + tl.load(D + h).to(tl.float32) * x
     tl.store(Y + b * sy_b + h * sy_h + op, y, mask=pm)
 
@@ -232,8 +233,10 @@ def mamba2_step(xBC, conv_ring, pos, conv_w, conv_b, dt, dt_bias, A_log, D, ssm_
     Bsz, C = xBC.shape
     H = dt.shape[1]
     K = conv_ring.shape[-1]
-    if ssm_state.dtype != torch.float32 or ssm_state.stride(-1) != 1 or conv_ring.stride(-1) != 1:
-        raise ValueError("mamba2_step: ssm_state must be fp32 and state / ring contiguous in the last dimension")
+    if ssm_state.dtype not in (torch.float32, torch.bfloat16) or ssm_state.stride(-1) != 1 \
+            or conv_ring.stride(-1) != 1:
+        raise ValueError("mamba2_step: ssm_state must be fp32 or bf16 and state / ring contiguous in the last "
+                         "dimension")
     if xBC.stride(-1) != 1:
         xBC = xBC.contiguous()
     if conv_b is None:

@@ -46,16 +46,22 @@ class ZebraCache(Cache):
         self.pos = self.kv_start = self.kv_len = None
 
     @classmethod
-    def static(cls, model, batch_size: int, max_len: int) -> ZebraCache:
-        """A preallocated cache for `batch_size` rows of up to `max_len` positions, on the model's device and dtype.
+    def static(cls, model, batch_size: int, max_len: int, ssm_dtype=torch.float32) -> ZebraCache:
+        """A preallocated cache for `batch_size` rows of up to `max_len` positions, on the model's device and dtype;
+        Mamba2's SSM state in `ssm_dtype` (fp32 by default; bf16 halves its traffic, its accuracy is in RESULTS.md).
         The MLA entries hold the absorbed weights of the model as it is now: make a new cache after the weights
         change."""
         if batch_size < 1 or max_len < 2:
             raise ZebraError(f"a static cache needs batch_size >= 1 and max_len >= 2, got {batch_size}, {max_len}")
         p = next(model.parameters())
         cache = cls(model.config)
-        mixers = [layer.mixer for layer in model.model.layers]
-        cache.state = [m.static_state(batch_size, max_len, p.device, p.dtype) for m in mixers]
+        if ssm_dtype not in (torch.float32, torch.bfloat16):
+            raise ZebraError(f"ssm_dtype must be torch.float32 or torch.bfloat16, got {ssm_dtype}")
+        layers = model.model.layers
+        mixers = [layer.mixer for layer in layers]
+        cache.state = [m.static_state(batch_size, max_len, p.device, p.dtype,
+                                      **({"ssm_dtype": ssm_dtype} if layer.mixer_type == "mamba2" else {}))
+                       for layer, m in zip(layers, mixers)]
         cache.state_keys = [type(m).STATE for m in mixers]
         cache.is_static, cache.max_len = True, max_len
         cache.pos = torch.zeros(1, dtype=torch.long, device=p.device)  # slot of the token being decoded

@@ -22,11 +22,17 @@ import torch.nn.functional as F
 
 
 def ssd_step(state, x, dt, A, Bm, Cm):
-    """One token. state (B, H, P, N) fp32 updated in place; x (B, H, P), dt (B, H), Bm/Cm (B, H, N). Returns y (B, H, P)."""
+    """One token. state (B, H, P, N) updated in place; x (B, H, P), dt (B, H), Bm/Cm (B, H, N). Returns y (B, H, P).
+    The update and the readout are computed in fp32; a bf16 state is rounded once, when stored (the readout uses
+    the unrounded value, as the GPU kernel does)."""
     a = torch.exp(dt.float() * A.float())  # (B, H)
     dBx = (dt.float()[..., None, None] * x.float()[..., :, None]) * Bm.float()[..., None, :]  # (B, H, P, N)
-    state.mul_(a[..., None, None]).add_(dBx)
-    return torch.einsum("bhpn,bhn->bhp", state, Cm.float())
+    if state.dtype == torch.float32:
+        new = state.mul_(a[..., None, None]).add_(dBx)
+    else:
+        new = state.float() * a[..., None, None] + dBx
+        state.copy_(new)
+    return torch.einsum("bhpn,bhn->bhp", new, Cm.float())
 
 
 def ssd_naive(x, dt, A, Bm, Cm, initial_state=None, doc_ids=None):
