@@ -24,6 +24,7 @@ def test_roofline_bytes_by_hand():
     assert roofline.cache_bytes_per_token(cfg, 2) == (32 + 16) * 2
     # Mamba2: H=4, P=N=8 fp32 state read+written, conv ring (d_inner 32 + 2*d_xb 16 = 64 ch x 4) read+written
     assert roofline.state_bytes_per_step(cfg, 2) == 2 * (4 * 8 * 8 * 4 + 64 * 4 * 2)
+    assert roofline.state_bytes_per_step(cfg, 2, ssm_elem=2) == 2 * (4 * 8 * 8 * 2 + 64 * 4 * 2)  # bf16 state
     s, B, w = 99, 3, 1000
     assert roofline.step_bytes(w, cfg, s, B, 2) == w + B * (100 * 96 + 2 * (1024 + 512))
     llama = {"num_hidden_layers": 16, "num_key_value_heads": 8, "hidden_size": 2048, "num_attention_heads": 32}
@@ -141,3 +142,18 @@ def test_bench_cli_end_to_end_on_cpu(tmp_path):
 def test_bench_bad_input_exits_2(argv, tmp_path, capsys):
     assert main(["bench", *argv, "--out", str(tmp_path / "o")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_bench_with_a_bf16_ssm_state_counts_half_the_state_bytes(tmp_path):
+    """--ssm-dtype bf16: the engine decodes with a bf16 Mamba2 state and the roofline counts 2 bytes per entry."""
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY))
+    runs = {}
+    for dt in ("fp32", "bf16"):
+        out = tmp_path / dt
+        assert main(["bench", "--shapes", str(shape), "--variants", "mamba2", "--what", "decode", "--lengths", "16",
+                     "--steps", "1", "--warmup", "1", "--dtype", "fp32", "--ssm-dtype", dt, "--out", str(out)]) == 0
+        runs[dt] = json.loads((out / "bench.json").read_text())
+    assert runs["bf16"]["ssm_dtype"] == "bf16"
+    b32, b16 = (r["points"][0]["bytes_per_step"]["0"] for r in (runs["fp32"], runs["bf16"]))
+    assert b16 < b32  # only the Mamba2 state differs between the two runs

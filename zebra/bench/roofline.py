@@ -48,18 +48,19 @@ def cache_bytes_per_token(config, elem: int = 2) -> int:
     return sum(per[t] for t in config.mixer_types) * elem
 
 
-def state_bytes_per_step(config, elem: int = 2) -> int:
-    """Mamba2 bytes read + written per step per sequence (fp32 SSM state, conv ring in the model dtype)."""
+def state_bytes_per_step(config, elem: int = 2, ssm_elem: int = 4) -> int:
+    """Mamba2 bytes read + written per step per sequence (SSM state of ssm_elem bytes, fp32 by default; conv ring in
+    the model dtype)."""
     if isinstance(config, dict):
         return 0
     n = sum(t == "mamba2" for t in config.mixer_types)
     H, P = config.num_attention_heads, config.head_dim
     conv_dim = config.mamba_d_inner + 2 * config.mamba_d_xb
-    return n * 2 * (H * P * P * 4 + conv_dim * config.mamba_d_conv * elem)
+    return n * 2 * (H * P * P * ssm_elem + conv_dim * config.mamba_d_conv * elem)
 
 
-def step_bytes(wbytes: int, config, s: int, batch: int, elem: int = 2) -> int:
-    return wbytes + batch * ((s + 1) * cache_bytes_per_token(config, elem) + state_bytes_per_step(config, elem))
+def step_bytes(wbytes: int, config, s: int, batch: int, elem: int = 2, ssm_elem: int = 4) -> int:
+    return wbytes + batch * ((s + 1) * cache_bytes_per_token(config, elem) + state_bytes_per_step(config, elem, ssm_elem))
 
 
 def integrate(positions: list[int], step_s: list[float]) -> float:

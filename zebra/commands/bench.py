@@ -45,6 +45,8 @@ def add_arguments(p):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-graph", action="store_true", help="decode without the CUDA graph")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--ssm-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="Mamba2's decode state (bf16 halves its traffic; its accuracy over 8k steps is in RESULTS.md)")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--train-batch", type=int, default=None,
                    help="--what train: rows of --train-seq tokens per micro-batch (default: 16 for smollm2, 8 for 1b)")
@@ -109,7 +111,8 @@ def run(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    bench = Bench(device, dtype, steps=args.steps, warmup=args.warmup, graph=not args.no_graph)
+    bench = Bench(device, dtype, steps=args.steps, warmup=args.warmup, graph=not args.no_graph,
+                  ssm_dtype=torch.bfloat16 if args.ssm_dtype == "bf16" else torch.float32)
     try:
         import triton
         triton_v = triton.__version__
@@ -118,6 +121,7 @@ def run(args) -> int:
     res = {"format": "zebra-bench/1", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "bandwidth_gbs": bench.bw / 1e9, "torch": torch.__version__, "triton": triton_v,
            "transformers": transformers.__version__, "commit": _commit(), "dtype": args.dtype,
+           "ssm_dtype": args.ssm_dtype,
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "command": "zebra bench " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                 if k not in ("_module", "command") and v not in (None, False)),
