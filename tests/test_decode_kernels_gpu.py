@@ -68,6 +68,31 @@ def test_mamba2_step_matches_reference(H, n_kv, P, dtype):
         assert rel(states[1], states[0]) < TOL[torch.float32] * 10
 
 
+@pytest.mark.parametrize("H,n_kv,P", [(9, 3, 64), (32, 8, 128)])
+def test_mamba2_step_with_a_bf16_state(H, n_kv, P):
+    """A bf16 state: fp32 arithmetic, the readout from the unrounded state, rounded to nearest once when stored
+    (bit-equal to PyTorch's rounding of the same fp32 value, up to the fp32 sums' last bits)."""
+    g = torch.Generator(device="cuda").manual_seed(H)
+    B, K, N = 4, 4, P
+    C = n_kv * P + n_kv * N + H * N
+    mk = lambda *s: torch.randn(*s, generator=g, device="cuda")  # noqa: E731
+    w, bias = (mk(C, K) * 0.5).bfloat16(), (mk(C) * 0.1).bfloat16()
+    dt_bias, A_log, D = mk(H), mk(H) * 0.5, mk(H)
+    rings = [torch.zeros(B, C, K, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    states = [torch.zeros(B, H, P, N, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    for t in range(7):
+        xBC, dt = mk(B, C).bfloat16(), mk(B, H)
+        pos = torch.tensor([t], device="cuda")
+        states[1].copy_(states[0])  # the same rounded state in: one step's rounding compared
+        want = ref.mamba2_step(xBC, rings[0], pos, w, bias, dt, dt_bias, A_log, D, states[0], n_kv, P, N)
+        got = kern.mamba2_step(xBC, rings[1], pos, w, bias, dt, dt_bias, A_log, D, states[1], n_kv, P, N)
+        assert rel(got, want) < TOL[torch.float32] * 10
+        assert torch.equal(rings[1], rings[0])
+        diff = (states[1].float() - states[0].float()).abs()
+        assert bool((diff <= states[0].float().abs() * 2 ** -7 + 1e-6).all())  # at most one bf16 ulp
+        assert (diff > 0).float().mean() < 0.01  # and almost all equal: round to nearest, like PyTorch
+
+
 def test_kernels_replay_in_a_cuda_graph():
     """Captured once; kv_len / pos change in place between replays, results follow (no host-side state)."""
     q, k, v, scale = attn_inputs("mla-8b", 2, 2048, torch.bfloat16, seed=5)
