@@ -23,14 +23,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(out: Path, strategy: str, world: int, rows: int, steps: int = 6, stop_after: int = 0):
+def launch(out: Path, strategy: str, world: int, rows: int, steps: int = 6, stop_after: int = 0, stage: str = "distill"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ZEBRA_DEVICE": "cpu"}
     env.pop("ZEBRA_STOP_AFTER_STEPS", None)
     if stop_after:
         env["ZEBRA_STOP_AFTER_STEPS"] = str(stop_after)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(free_port()),
-           str(WORKER), str(out), strategy, str(rows), str(steps)] if world > 1 else \
-          [sys.executable, str(WORKER), str(out), strategy, str(rows), str(steps)]
+           str(WORKER), str(out), strategy, str(rows), str(steps), stage] if world > 1 else \
+          [sys.executable, str(WORKER), str(out), strategy, str(rows), str(steps), stage]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
 
 
@@ -59,6 +59,43 @@ def test_two_ranks_update_like_one_rank_with_the_same_global_batch(one_rank, tmp
     assert_same(one_rank, final(tmp_path))
 
 
+def test_a_sharded_teacher_gives_the_updates_of_a_replicated_one(one_rank, tmp_path):
+    """teacher_sharding: each teacher layer sharded over 2 ranks (gathered for its forward only; the worker checks
+    each rank holds half of it after the run) trains the student exactly as one rank with the whole teacher."""
+    r = launch(tmp_path, "fsdp+teacher", 2, rows=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same(one_rank, final(tmp_path))
+
+
+def test_ild_with_a_sharded_teacher_equals_one_rank(tmp_path):
+    """Mixer-only ILD of both pools (the teacher run layer by layer for its targets) under 2 ranks with the teacher's
+    layers sharded == 1 rank with the same global batch."""
+    r = launch(tmp_path / "one", "fsdp", 1, rows=4, steps=4, stage="ild")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(tmp_path / "two", "fsdp+teacher", 2, rows=2, steps=4, stage="ild")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = final(tmp_path / "one"), final(tmp_path / "two")
+    assert any(k.startswith("mla.") for k in one) and any(k.startswith("mamba2.") for k in one)
+    assert_same(one, two)
+
+
+def test_the_teacher_sharding_rule():
+    """shard_teacher, which the pipeline and `zebra plan` both ask: never with one rank or DDP; auto shards above an
+    eighth of a GPU and never on a CPU rank."""
+    from zebra.stages.parallel import shard_teacher
+
+    G = 80 * 2**30
+    assert not shard_teacher("shard", "fsdp", 1, 16e9, G)
+    assert not shard_teacher("shard", "ddp", 8, 16e9, G)
+    assert shard_teacher("shard", "fsdp", 2, 1.0, None)
+    assert not shard_teacher("replicate", "fsdp", 8, 16e9, G)
+    assert shard_teacher("auto", "fsdp", 8, 16e9, G)  # 8B in bf16 on an 80 GB GPU
+    assert not shard_teacher("auto", "fsdp", 8, 2.5e9, G)  # 1B
+    assert not shard_teacher("auto", "fsdp", 8, 16e9, None)
+    with pytest.raises(ValueError, match="teacher_sharding"):
+        shard_teacher("half", "fsdp", 2, 1.0, G)
+
+
 def test_kill_and_resume_under_two_ranks_equals_uninterrupted(one_rank, tmp_path):
     r = launch(tmp_path, "fsdp", 2, rows=2, stop_after=3)  # killed after step 3; checkpoint at step 2
     assert r.returncode != 0 and (tmp_path / "run" / "checkpoint" / "meta.pt").exists()
@@ -84,13 +121,15 @@ from test_pipeline import tiny_setup, write_config  # noqa: E402,F401  (the tiny
 
 
 def test_torchrun_pipeline_matches_one_process(tiny_setup, tmp_path):
-    """`torchrun --nproc-per-node 2 -m zebra.cli run` of a tiny config (FSDP2 on gloo) completes with one set of
-    stage folders written by rank 0, and the held-out KL of a 1-process run with the same global batch."""
-    base = dict(dpo={"enabled": False}, distill={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2},
+    """`torchrun --nproc-per-node 2 -m zebra.cli run` of a tiny config (FSDP2 on gloo, the teacher's layers and DPO's
+    reference sharded too) completes with one set of stage folders written by rank 0, and the held-out KL of a
+    1-process run with the same global batch."""
+    base = dict(dpo={"lr": 1e-4, "batch_size": 2, "max_len": 64, "ckpt_every": 1}, distill={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2},
                 ild={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2})
     one = write_config(tiny_setup, "one-rank", **base)
     half = {k: {**v, "batch_size": 1} if k in ("ild", "distill") else v for k, v in base.items()}
-    two = write_config(tiny_setup, "two-ranks", **half)
+    half["dpo"] = {**half["dpo"], "batch_size": 1}
+    two = write_config(tiny_setup, "two-ranks", teacher_sharding="shard", **half)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ZEBRA_DEVICE": "cpu"}
     r1 = subprocess.run([sys.executable, "-m", "zebra.cli", "run", str(one), "--out", str(tmp_path / "a")],
                         capture_output=True, text=True, timeout=900, env=env)
@@ -105,10 +144,14 @@ def test_torchrun_pipeline_matches_one_process(tiny_setup, tmp_path):
     # training steps amplify to ~0.3% of this tiny KL
     assert b["student"]["heldout_kl"] == pytest.approx(a["student"]["heldout_kl"], rel=1e-2)
     d = json.loads((tmp_path / "b" / "distill" / "summary.json").read_text())
-    assert d["world_size"] == 2 and d["tokens_per_step"] == 64 * 2
+    assert d["world_size"] == 2 and d["tokens_per_step"] == 64 * 2 and d["teacher_sharded"] is True
+    assert json.loads((tmp_path / "b" / "ild" / "summary.json").read_text())["teacher_sharded"] is True
+    assert json.loads((tmp_path / "a" / "distill" / "summary.json").read_text())["teacher_sharded"] is False
     assert sorted(p.name for p in (tmp_path / "b").iterdir() if p.is_dir()) == sorted(
         p.name for p in (tmp_path / "a").iterdir() if p.is_dir())
     assert r2.stdout.count("[zebra run] distill: done") == 1  # rank 0 alone reports
+    p = json.loads((tmp_path / "b" / "dpo" / "summary.json").read_text())
+    assert p["world_size"] == 2 and p["steps"] == 2 and p["teacher_sharded"] is True  # pairs split, reference sharded
 
 
 def test_nvlink_multicast_stays_off_unless_the_user_sets_it():

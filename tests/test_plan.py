@@ -48,8 +48,27 @@ def test_plan_counts_state_bytes_and_shards_them(tmp_path):
     ild = next(s for s in one["stages"] if s["stage"] == "ild")
     assert ild["trains"] == "layers" and ild["trained_params"] < ild["student_params"]  # embeddings / head frozen
     assert d1["fits"] and not plan(path, 1, gpu_mem_gib=1e-3)["stages"][1]["fits"]
-    # the teacher is replicated on every rank (not sharded), whatever N
+    # teacher_sharding auto: a tiny teacher stays whole on every rank, whatever N
     assert d4["gib"]["teacher"] == pytest.approx(d1["gib"]["teacher"]) and d4["teacher_mode"] == "replicated"
+
+
+def test_plan_of_a_sharded_teacher(tmp_path):
+    """teacher_sharding: shard: 2 B x (embeddings + head + final norm, whole) + 2 B x layers / N + 2 gathered
+    layers, from the teacher's exact counts; with one GPU it stays replicated (nothing to shard over)."""
+    from zebra.convert.build import build_student_config
+    from zebra.model.hybrid import ZebraForCausalLM
+
+    path = tiny_run(tmp_path, teacher_sharding="shard")
+    with torch.device("meta"):
+        t = ZebraForCausalLM(build_student_config(str(tmp_path / "t"), "none", "all")[1])
+    total = sum(p.numel() for p in t.parameters())
+    layers = sum(p.numel() for p in t.model.layers.parameters())
+    largest = max(sum(p.numel() for p in layer.parameters()) for layer in t.model.layers)
+    d4 = next(s for s in plan(path, 4)["stages"] if s["stage"] == "distill")
+    assert d4["teacher_mode"] == "sharded"
+    assert d4["gib"]["teacher"] * GiB == pytest.approx(2 * (total - layers) + 2 * layers / 4 + 4 * largest)
+    d1 = next(s for s in plan(path, 1)["stages"] if s["stage"] == "distill")
+    assert d1["teacher_mode"] == "replicated" and d1["gib"]["teacher"] * GiB == pytest.approx(2 * total)
 
 
 def test_plan_cli_for_the_paper_8b_recipe_on_8_gpus(tmp_path, capsys):

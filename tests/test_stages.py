@@ -202,3 +202,44 @@ def test_mamba2_norm_calibration_is_the_least_squares_scale():
     o, y = cap["o"].reshape(-1, w.numel()), cap["y"].reshape(-1, w.numel())
     grad = ((o - w * y) * y).sum(0)
     assert grad.abs().max() < 1e-3 * (y * y).sum(0).max()
+
+
+class _Tok:
+    """The little of a tokenizer encode_pair needs: one id per character, a chat template that is the user text."""
+    pad_token_id, eos_token_id = 0, 1
+
+    def apply_chat_template(self, msgs, tokenize=False, add_generation_prompt=True):
+        return msgs[-1]["content"] + ">"
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [2 + ord(c) % 50 for c in text]}
+
+
+@pytest.mark.parametrize("n_pairs", [8, 5])
+def test_dpo_pairs_are_split_across_ranks_like_one_rank_with_the_global_batch(n_pairs):
+    """PairStream under 2 ranks: at every step the two ranks' rows together are the 1-rank batch of 2 x batch_size
+    (each pair once); a last global batch that the pairs do not fill is padded from the start of the order, so both
+    ranks step equally; resume by position."""
+    from zebra.stages.dpo import PairStream
+
+    pairs = [{"prompt": [{"role": "user", "content": f"q{i}"}], "chosen": f"good {i}", "rejected": f"bad {i}"}
+             for i in range(n_pairs)]
+    one = list(PairStream(_Tok(), pairs, batch_size=4, max_len=64, seed=3, rank=0, world=1))
+    ranks = [list(PairStream(_Tok(), pairs, batch_size=2, max_len=64, seed=3, rank=r, world=2)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one) == -(-n_pairs // 4)
+
+    def rows(b):  # the chosen sequences of a batch, as tuples
+        n = b["input_ids"].shape[0] // 2
+        return [tuple(x[m.bool()].tolist()) for x, m in zip(b["input_ids"][:n], b["attention_mask"][:n])]
+
+    seen = []
+    for step, b in enumerate(one):
+        both = rows(ranks[0][step]) + rows(ranks[1][step])
+        assert both[:len(rows(b))] == rows(b)
+        seen += both
+    assert len(set(seen)) == n_pairs and len(seen) == len(one) * 4  # every pair; padding repeats, never drops
+    s = PairStream(_Tok(), pairs, batch_size=2, max_len=64, seed=3, rank=1, world=2)
+    s.load_state_dict({"pos": 1})
+    assert [rows(b) for b in s] == [rows(b) for b in ranks[1][1:]]
+    with pytest.raises(Exception, match="no usable pairs"):
+        PairStream(_Tok(), [], batch_size=2, max_len=64)

@@ -86,24 +86,42 @@ class Run:
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(d / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
-    def teacher(self, which: str, dtype: torch.dtype | None = None):
+    def teacher(self, which: str, dtype: torch.dtype | None = None, sharded: bool = False):
         """The base or KD teacher as an all-attention Zebra model (exactly the teacher), frozen, cached per dtype.
-        Training uses bf16 on CUDA (no per-step weight casts under autocast); evaluation fp32."""
+        Training uses bf16 on CUDA (no per-step weight casts under autocast); evaluation fp32. sharded: a copy of
+        its own whose decoder layers are sharded across the ranks (parallel.shard_frozen; a collective to run, so
+        never the one that rank 0 evaluates with alone)."""
         name = self.cfg[which]
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        key = (name, dtype)
+        key = (name, dtype, sharded)
         if key not in self._teachers:
             from .convert.build import build_student
 
             model, tok, _ = build_student(name, "none", "all")
             for p in model.parameters():
                 p.requires_grad_(False)
-            self._teachers[key] = model.to(device=self.device, dtype=dtype).eval()
+            model = model.to(device=self.device, dtype=dtype).eval()
+            if sharded:
+                from .stages.parallel import shard_frozen
+
+                shard_frozen(model)
+            self._teachers[key] = model
             if self.tok is None:
                 if tok.pad_token is None:
                     tok.pad_token = tok.eos_token
                 self.tok = tok
         return self._teachers[key]
+
+    def train_teacher(self, which: str):
+        """The frozen teacher a training stage runs on every rank: `teacher(which)`, or with several FSDP ranks and
+        `teacher_sharding` saying so (decided from its parameter count before it is built), a copy with its decoder
+        layers sharded across the ranks."""
+        from .plan import param_count
+        from .stages.parallel import teacher_sharded
+
+        nbytes = param_count(self.cfg[which]) * (2 if self.device.type == "cuda" else 4)
+        sharded = teacher_sharded(self.cfg["teacher_sharding"], self.cfg["parallel"], nbytes, self.device)
+        return self.teacher(which, sharded=sharded)
 
     def eval_teacher(self):
         """The teacher that held-out metrics compare with: fp32 up to 1B parameters (cheap), else the bf16 one."""
@@ -245,11 +263,12 @@ class Run:
         return {"kv": out, "mixer_rel_err": metrics, "seconds_by_part": seconds,
                 "calibrate_first_batch_seconds": first_batch}
 
-    def _train(self, name: str, models: dict, fn, groups, stream, tcfg, evaluator=None):
+    def _train(self, name: str, models: dict, fn, groups, stream, tcfg, evaluator=None, frozen=None):
         """Train `models` (dict of the stage's trained models) with loss `fn` on every rank: the loss runs as a
-        StageLoss module, wrapped by FSDP2 / DDP when there are several ranks (config `parallel`). Returns
-        (trainer summary, full state dict of each model on rank 0, {} elsewhere)."""
-        from .stages.parallel import StageLoss, full_state_dict, regroup, wrap
+        StageLoss module, wrapped by FSDP2 / DDP when there are several ranks (config `parallel`). `frozen`: the
+        stage's teacher / reference (the summary says whether it was sharded). Returns (trainer summary, full state
+        dict of each model on rank 0, {} elsewhere)."""
+        from .stages.parallel import StageLoss, full_state_dict, is_sharded, regroup, wrap
         from .stages.trainer import Trainer, param_groups
 
         loss = StageLoss(models, fn)
@@ -264,6 +283,8 @@ class Run:
         trainer = Trainer(wrapped, groups, None, stream, tcfg, self.stage_dir(name), name, self.device,
                           evaluator=evaluator)
         summary = trainer.fit()
+        if frozen is not None:
+            summary["teacher_sharded"] = is_sharded(frozen)
         states = {k: full_state_dict(m) for k, m in models.items()} if self.world > 1 else {}
         trainer.remove_checkpoint()
         return summary, states
@@ -290,14 +311,15 @@ class Run:
         st = self.cfg["ild"]
         d = self.write_stage_config("ild")
         students = {k: self.load(self.stage_dir("init") / k) for k in ("mla", "mamba2")}
-        teacher = self.teacher("base")
+        teacher = self.train_teacher("base")
         groups = ild_parameters(students, st["mode"])
         if self.compile:
             for m in students.values():
                 compile_layers(m, mixers_only=st["mode"] == "mixers")
         summary, states = self._train("ild", students, make_ild_loss(teacher, students, st["mode"],
                                                                       st["grad_checkpointing"]),
-                                      groups, self.stream("ild", st), self.train_config(st, st["tokens"]))
+                                      groups, self.stream("ild", st), self.train_config(st, st["tokens"]),
+                                      frozen=teacher)
         for k, m in students.items():
             self._save_trained(m, states.get(k), self.stage_dir("init") / k, d / k, {"stage": "ild", "pool": k},
                                final=False)
@@ -386,7 +408,11 @@ class Run:
             from .eval.quick import QuickMC
 
             quick = QuickMC.build(self.tokenizer(), tasks=tuple(st["curve_tasks"]), limit=st["curve_limit"])
-        teacher = self.eval_teacher()
+        from .stages.parallel import is_sharded
+
+        # a sharded training teacher serves the curve too (every rank runs the evaluator): a replicated evaluation
+        # copy on every rank would take the memory that sharding saved
+        teacher = teacher_train if is_sharded(teacher_train) else self.eval_teacher()
 
         def evaluate():
             with eager(student, teacher_train):
@@ -404,7 +430,7 @@ class Run:
         st = self.cfg["distill"]
         d = self.write_stage_config("distill")
         student = self.load(self.stage_dir("compose") / "model")
-        teacher = self.teacher("teacher")
+        teacher = self.train_teacher("teacher")
         if st["grad_checkpointing"]:
             student.model.gradient_checkpointing = True
         groups = distill_parameters(student, st["lr"], st["lr_other"])
@@ -414,7 +440,7 @@ class Run:
             compile_layers(teacher)
         summary, states = self._train("distill", {"student": student}, make_distill_loss(teacher, student), groups,
                                       self.stream("kd", st, loss_on=st["loss_on"]),
-                                      self.train_config(st, st["tokens"]), evaluator)
+                                      self.train_config(st, st["tokens"]), evaluator, frozen=teacher)
         student.model.gradient_checkpointing = False
         final = self._save_trained(student, states.get("student"), self.stage_dir("compose") / "model", d / "model",
                                    {"stage": "distill"})
@@ -459,13 +485,18 @@ class Run:
         reference = self.load(self.stage_dir("distill") / "model").eval()
         for p in reference.parameters():
             p.requires_grad_(False)
+        from .stages.parallel import shard_frozen, teacher_sharded
+
+        nbytes = sum(p.numel() * p.element_size() for p in reference.parameters())
+        if teacher_sharded(self.cfg["teacher_sharding"], self.cfg["parallel"], nbytes, self.device):
+            shard_frozen(reference)  # the frozen reference, like a teacher
         pairs_path = st["pairs_file"] or self.stage_dir("pairs") / "pairs.jsonl"
         stream = PairStream(self.tokenizer(), read_pairs(pairs_path), st["batch_size"],
                             st["max_len"], st["epochs"], self.cfg["seed"])
         tokens = stream.num_batches * stream.tokens_per_batch * self.world
         cfg = self.train_config({**st, "warmup_frac": 0.1}, tokens, betas=(0.9, 0.95))
         summary, states = self._train("dpo", {"policy": policy}, make_dpo_loss(policy, reference, st["beta"]),
-                                      [p for p in policy.parameters()], stream, cfg)
+                                      [p for p in policy.parameters()], stream, cfg, frozen=reference)
         final = self._save_trained(policy, states.get("policy"), self.stage_dir("distill") / "model", d / "model",
                                    {"stage": "dpo"})
         if final is not None:

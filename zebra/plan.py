@@ -6,8 +6,10 @@ Memory model, per rank, FSDP2 over N ranks (N = 1: plain data parallel of one):
     parameters   4 B x student params / N (fp32 master, sharded) + 2 B x the largest layer x 2 (bf16 all-gather
                  buffers of the layer in flight and the prefetched next one, N > 1)
     gradients    4 B x trained params / N            optimizer  8 B x trained params / N (AdamW m, v)
-    teacher      2 B x teacher params (bf16, replicated on every rank: teacher sharding is not implemented; when it
-                 does not fit, fits_with_sharded_teacher says whether 2 B x params / N + 2 layers would)
+    teacher      2 B x teacher params (bf16) replicated on every rank, or, when the run shards it (`teacher_sharding`,
+                 the rule of zebra.stages.parallel.shard_teacher), 2 B x (embeddings, head and final norm, which stay
+                 whole + layer params / N + the 2 largest layers gathered); fits_with_sharded_teacher says whether the
+                 sharded form would fit
     activations  micro-batch tokens x (layers x A_layer), or with activation checkpointing (layers x 4 d + A_layer):
                  A_layer = bytes a layer keeps per token for backward in bf16 autocast (residual and norms 8 d,
                  MLP 10 I, attention / MLA 10 H D, Mamba2 2 (2 d_inner + 2 d_xb) + 4 conv + 48 d_inner + 24 H Q
@@ -48,6 +50,14 @@ def _meta_model(cfg):
 
 def _count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def param_count(name: str) -> int:
+    """Parameters of a teacher (a registered name, HF directory or shipped shape) as an all-attention Zebra model,
+    counted on the meta device (nothing loaded)."""
+    from .convert.build import build_student_config
+
+    return _count(_meta_model(build_student_config(name, "none", "all")[1]))
 
 
 def _layer_bytes_per_token(cfg, mixer: str) -> float:
@@ -117,11 +127,16 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
         kl = KL_CHUNK * V * 4 * 6 + V * d * 4 + tokens * tcfg.hidden_size * 2
     fixed = params + grads + optim + activations + kl + OVERHEAD
     budget = gpu_mem_gib * GiB
-    # the pipeline keeps a whole bf16 teacher on every rank (it is not sharded yet); when that does not fit, the
-    # plan says so and what a sharded teacher would need, rather than pretending
-    teacher_mem, teacher_mode = 2 * p_teacher, "replicated"
+    # the frozen teacher: whole on every rank, or its layers sharded (the same rule the pipeline applies)
+    from .stages.parallel import shard_teacher
+
+    p_layers = _count(teacher.model.layers)
+    sharded_teacher = 2 * (p_teacher - p_layers) + 2 * p_layers / N + 2 * 2 * t_largest
+    if shard_teacher(run_cfg["teacher_sharding"], run_cfg["parallel"], N, 2 * p_teacher, gpu_mem_gib * GiB):
+        teacher_mem, teacher_mode = sharded_teacher, "sharded"
+    else:
+        teacher_mem, teacher_mode = 2 * p_teacher, "replicated"
     total = fixed + teacher_mem
-    sharded_teacher = 2 * p_teacher / N + 2 * 2 * t_largest
     out = {
         "stage": stage, "gpus": N, "trains": trains, "student_params": p_student, "trained_params": p_train,
         "teacher_params": p_teacher, "micro_batch_tokens": tokens, "global_batch_tokens": tokens * st["grad_accum"] * N,
@@ -183,4 +198,6 @@ def markdown(res: dict) -> str:
 def _fits(s: dict) -> str:
     if s["fits"]:
         return "yes"
-    return "NO (would with a sharded teacher, not implemented)" if s["fits_with_sharded_teacher"] else "NO"
+    if s["teacher_mode"] == "replicated" and s["fits_with_sharded_teacher"]:
+        return "NO (would with `teacher_sharding: shard`)"
+    return "NO"

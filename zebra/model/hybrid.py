@@ -54,17 +54,21 @@ class ZebraDecoderLayer(nn.Module):
     def mixer(self) -> nn.Module:
         return self.mamba if self.mixer_type == "mamba2" else self.self_attn
 
-    def forward(self, h, ctx: dict, cache=None, return_mixer: bool = False):
+    def forward(self, h, ctx: dict, cache=None, return_mixer: bool = False, return_input: bool = False):
         """h (B, T, d). ctx holds what the model computed once for all layers: rope tables per mixer type,
-        the attention bias and the token mask. return_mixer also returns the mixer's output (for ILD)."""
-        x = self.input_layernorm(h)
+        the attention bias and the token mask. return_mixer also returns the mixer's output, return_input also
+        its normalised input: (out, mixer output, mixer input) (ILD's targets, all from one call of the layer,
+        so a layer sharded by FSDP2 gathers its weights once)."""
+        xn = self.input_layernorm(h)
         if self.mixer_type == "mamba2":
-            x = self.mamba(x, ctx["token_mask"], cache, ctx.get("doc_ids"))
+            x = self.mamba(xn, ctx["token_mask"], cache, ctx.get("doc_ids"))
         else:
             rope = ctx["rope_attention"] if self.mixer_type == "attention" else ctx["rope_mla"][self.self_attn.rope_key]
-            x = self.self_attn(x, rope, ctx["bias"], cache, ctx.get("varlen"))
+            x = self.self_attn(xn, rope, ctx["bias"], cache, ctx.get("varlen"))
         h = h + x
         out = h + self.mlp(self.post_attention_layernorm(h))
+        if return_input:
+            return out, x, xn
         return (out, x) if return_mixer else out
 
 

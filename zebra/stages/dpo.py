@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..errors import ZebraError
 from .losses import dpo_loss, sequence_logprob
 
 
@@ -30,12 +31,23 @@ def encode_pair(tok, pair: dict, max_len: int):
 
 
 class PairStream:
-    """Batches of encoded pairs, `epochs` passes in a seeded order; resumable by position."""
+    """Batches of encoded pairs, `epochs` passes in a seeded order; resumable by position. With several ranks
+    (rank / world, default: the process group's) each global batch of batch_size x world pairs is split, rank r
+    taking rows [r x batch_size, (r + 1) x batch_size): the ranks together see the pairs of one rank with
+    batch_size x world, each pair once. When the pairs do not fill the last global batch, the order is padded with
+    its own beginning (as torch's DistributedSampler does), so every rank has a batch at every step."""
 
-    def __init__(self, tok, pairs, batch_size: int, max_len: int, epochs: int = 1, seed: int = 0):
+    def __init__(self, tok, pairs, batch_size: int, max_len: int, epochs: int = 1, seed: int = 0,
+                 rank: int | None = None, world: int | None = None):
+        from .parallel import rank_world
+
         self.enc = [encode_pair(tok, p, max_len) for p in pairs]
         self.enc = [e for e in self.enc if sum(e[1]) and sum(e[3])]  # responses not truncated away
+        if not self.enc:
+            raise ZebraError("DPO has no usable pairs (none given, or every response truncated away by max_len)")
         self.batch_size, self.max_len, self.epochs, self.seed = batch_size, max_len, epochs, seed
+        r, w = rank_world()
+        self.rank, self.world = (r if rank is None else rank), (w if world is None else world)
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.pos = 0
         n = len(self.enc)
@@ -43,7 +55,11 @@ class PairStream:
         for e in range(epochs):
             g = torch.Generator().manual_seed(seed + e)
             self.order += torch.randperm(n, generator=g).tolist()
-        self.num_batches = math.ceil(len(self.order) / batch_size)
+        per_step = batch_size * self.world
+        self.num_batches = math.ceil(len(self.order) / per_step)  # per rank (= optimizer steps of one micro-batch)
+        if self.world > 1:
+            short = self.num_batches * per_step - len(self.order)
+            self.order += (self.order * (short // len(self.order) + 1))[:short]
         self.tokens_per_batch = batch_size * 2 * max_len  # budget unit (upper bound)
 
     def state_dict(self):
@@ -63,7 +79,8 @@ class PairStream:
 
     def __iter__(self):
         while self.pos < self.num_batches:
-            idx = self.order[self.pos * self.batch_size:(self.pos + 1) * self.batch_size]
+            start = (self.pos * self.world + self.rank) * self.batch_size
+            idx = self.order[start:start + self.batch_size]
             self.pos += 1
             rows = [self.enc[i] for i in idx]
             seqs = [r[0] for r in rows] + [r[2] for r in rows]  # chosen first, then rejected

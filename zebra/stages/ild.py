@@ -39,8 +39,7 @@ def teacher_layer_targets(teacher, batch, mla_rope_keys=()):
                     mla_rope_keys=mla_rope_keys)
     targets = []
     for layer in m.layers:
-        x = layer.input_layernorm(h)
-        out, mix = layer(h, ctx, None, return_mixer=True)
+        out, mix, x = layer(h, ctx, None, return_input=True)  # one call: a sharded teacher layer gathers once
         targets.append((h, x, out, mix))
         h = out
     return ctx, targets

@@ -12,7 +12,10 @@ loss module, rank guards, and full state dicts for saving. Started the standard 
 FSDP2 (torch.distributed.fsdp.fully_shard): every decoder layer is its own unit (its mixer, when only the mixer
 trains: mixer-only ILD runs the mixers alone), the student's other parameters (embeddings, final norm, head) the
 root unit; bf16 compute with fp32 master weights and fp32 gradient reduction
-when mixed_precision. The frozen teacher stays outside the wrapped module (replicated, run under no_grad).
+when mixed_precision. The frozen teacher (and DPO's reference) stays outside the wrapped module, run under no_grad:
+replicated on every rank, or with `teacher_sharding: shard` (auto: when it would take more than an eighth of a GPU)
+each of its decoder layers sharded by FSDP2 and gathered for its own forward only (shard_frozen): its memory per
+rank is then the embeddings, head and final norm plus 1/N of the layers and the one or two layers being gathered.
 """
 
 from __future__ import annotations
@@ -139,6 +142,54 @@ def wrap(loss: StageLoss, strategy: str = "fsdp", mixed_precision: bool = True,
                         mp_policy=mp)
     fully_shard(loss, mp_policy=mp)
     return loss
+
+
+TEACHER_SHARDING = ("auto", "shard", "replicate")
+
+
+def shard_teacher(setting: str, strategy: str, world: int, teacher_bytes: float, gpu_bytes: float | None) -> bool:
+    """The one rule for whether the frozen teacher is sharded (the pipeline and `zebra plan` both ask it): never with
+    one rank or DDP; "shard" / "replicate" as said; "auto" shards when the replicated teacher would take more than an
+    eighth of a GPU's memory (an 8B teacher in bf16, 16 GB, on an 80 GB GPU: yes; 1B-3B on 80-141 GB: no, the gathers
+    would cost time for little memory). gpu_bytes None (a CPU rank): auto replicates."""
+    if setting not in TEACHER_SHARDING:
+        raise ValueError(f"teacher_sharding must be one of {TEACHER_SHARDING}, got {setting!r}")
+    if world == 1 or strategy != "fsdp" or setting == "replicate":
+        return False
+    if setting == "shard":
+        return True
+    return gpu_bytes is not None and teacher_bytes > gpu_bytes / 8
+
+
+def teacher_sharded(setting: str, strategy: str, teacher_bytes: float, device: torch.device) -> bool:
+    """shard_teacher for this process group and this rank's device."""
+    gpu = torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+    return shard_teacher(setting, strategy, rank_world()[1], teacher_bytes, gpu)
+
+
+def shard_frozen(model: nn.Module) -> nn.Module:
+    """Shard a frozen ZebraForCausalLM's decoder layers across the ranks (FSDP2, in place; embeddings, final norm
+    and head stay replicated: the fused KL reads the head's weight outside any forward). Each layer is its own unit
+    that gathers its weights for its forward and frees them after it (reshard_after_forward=True also for a unit
+    that runs as its own root, which is what every layer of a teacher called layer by layer is). Every rank must
+    then run the teacher on the same number of batches (the trainer's equal steps per rank guarantee it). The
+    layers' parameters keep their dtype (the teacher is already bf16 on GPUs)."""
+    from torch.distributed.fsdp import fully_shard
+
+    if rank_world()[1] == 1:
+        return model
+    for p in model.parameters():
+        if p.requires_grad:
+            raise ValueError("shard_frozen: the model has trainable parameters (freeze it first)")
+    for layer in model.model.layers:
+        fully_shard(layer, reshard_after_forward=True)
+    model.zebra_sharded = True
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True for a model that shard_frozen sharded (its forward is a collective: every rank must call it)."""
+    return bool(getattr(model, "zebra_sharded", False))
 
 
 def regroup(groups: list[dict], before: dict[int, str], module: nn.Module) -> list[dict]:
