@@ -112,6 +112,46 @@ def test_train_throughput_drives_the_trainer_on_cpu(stage, monkeypatch):
     assert torch.isfinite(torch.tensor(r["loss"]))
 
 
+@pytest.mark.parametrize("stage", ["ild", "distill"])
+def test_fsdp_variant_wraps_the_stage_loss_at_one_rank_and_trains_like_the_plain_one(stage):
+    """--train-variants fsdp: the trained models inside StageLoss under FSDP2 with one process (a private one-rank
+    gloo group here; torchrun's under `torchrun --nproc-per-node 1`): every decoder layer a unit, and the same final
+    loss as the unwrapped run from the same weights and batches (fp32 on the CPU)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    from zebra.bench import train as bt
+    from test_model import tiny_model
+
+    def models():
+        return ({"mla": tiny_model(["mla"] * 2, seed=1), "mamba2": tiny_model(["mamba2"] * 2, seed=2)}
+                if stage == "ild" else tiny_model(["mla", "mamba2"], seed=1))
+
+    def state(m):  # {name: full tensor} of one model or a dict of them
+        ms = m if isinstance(m, dict) else {"": m}
+        return {f"{k}.{n}": (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for k, mm in ms.items() for n, p in mm.named_parameters()}
+
+    teacher = tiny_model(["attention"] * 2)
+    init = state(models())
+    ref = models()
+    plain = bt.train_throughput(stage, teacher, ref, 2, 32, steps=2, warmup=1, variant="eager")
+    students = models()
+    try:
+        r = bt.train_throughput(stage, teacher, students, 2, 32, steps=2, warmup=1, variant="fsdp")
+        one = students["mla"] if stage == "ild" else students
+        units = [m for m in one.model.layers.modules() if isinstance(m, FSDPModule)]
+        assert len(units) == 2  # the mixers (ILD trains the mixers alone) or the layers
+        assert r["variant"] == "fsdp" and r["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        after, want = state(students), state(ref)
+        assert any(not torch.equal(after[k], init[k]) for k in init)  # it trained
+        for k in want:
+            torch.testing.assert_close(after[k], want[k], atol=1e-6, rtol=1e-5, msg=k)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_bench_cli_end_to_end_on_cpu(tmp_path):
     shape = tmp_path / "tiny.json"
     shape.write_text(json.dumps(TINY))

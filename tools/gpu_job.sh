@@ -6,6 +6,10 @@
 #   bench    zebra bench --what train (SmolLM2 pair and the Llama-3.2-1B shape) -> /tmp/results/train-bench
 #   quality  zebra run configs/smollm2-135m-quality.yaml -> /tmp/quality (lm-eval of teacher and student inside)
 #   ablate   zebra ablate configs/ablations-smollm2.yaml -> /tmp/ablations, until JOB_DEADLINE (epoch seconds)
+#   decode   zebra bench (issue 10 item 5): 8B / 1B batch-1 decode at 1k-32k, the 8B batch sweep at 8k
+#            -> /tmp/results/bench-decode
+#   fsdp     torchrun --nproc-per-node 1 -m zebra.cli bench --what train --shapes 1b --train-variants fast,fsdp
+#            (issue 11 item 7: the 1B stages under FSDP2, peak memory against zebra plan) -> /tmp/results/fsdp-bench
 # JOB_STEPS (default "quality bench ablate": the run first, it is the result that matters) picks steps.
 # /tmp/job.done marks the end.
 set -uo pipefail
@@ -39,6 +43,14 @@ rows = json.load(open("/tmp/results/train-bench/bench.json"))["train"]
 sys.exit(0 if any(r["variant"] == "fast" and r.get("status") == "ok" for r in rows) else 1)
 PY
         ;;
+    decode)
+        step decode 420 python3 -m zebra.cli bench --shapes 8b,1b --variants llama,zebra \
+            --lengths 1024,8192,32768 --batches 96,128,256 --batch-length 8192 --what decode,batch --steps 8 \
+            --time-limit 360 --out "$R/bench-decode" ;;
+    fsdp)
+        step fsdp 300 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m zebra.cli bench --what train \
+            --shapes 1b --train-variants fast,fsdp --steps 5 --warmup 2 --out "$R/fsdp-bench"
+        python3 tools/plan_check.py "$R/fsdp-bench/bench.json" --out "$R/fsdp-bench" >> /tmp/fsdp.log 2>&1 ;;
     quality)
         step quality 1200 python3 -m zebra.cli run configs/smollm2-135m-quality.yaml --out /tmp/quality ;;
     ablate)

@@ -34,6 +34,7 @@ collect() {  # the small outputs of every step -> $OUT (8 files at most come bac
         -o -name '*.png' \) ! -path './data-cache/*' ! -name 'model.safetensors*' | sed 's|^\./||' \
         | tar czf $t/quality.tgz -T - 2>/dev/null)
     [ -d /tmp/results/train-bench ] && tar czf $t/train-bench.tgz -C /tmp/results train-bench
+    for b in bench-decode fsdp-bench; do [ -d /tmp/results/$b ] && tar czf $t/$b.tgz -C /tmp/results $b; done
     [ -d /tmp/ablations ] && (cd /tmp/ablations && find . -maxdepth 3 \( -name '*.json' -o -name '*.md' -o -name '*.png' \
         -o -name 'metrics.jsonl' \) -not -path '*/model/*' | sed 's|^\./||' | tar czf $t/ablations.tgz -T - 2>/dev/null)
     [ -d /tmp/smoke ] && (cd /tmp/smoke && find . -maxdepth 2 \( -name '*.json' -o -name '*.md' \) | sed 's|^\./||' \

@@ -40,7 +40,7 @@ def main() -> None:
     for r in data.get("train", []):
         if r.get("status") != "ok" or not r.get("peak_mem_gib") or r["shape"] not in SHAPES:
             continue
-        p = stage_plan(run_config(r["shape"], r), r["stage"], 1, 139.0, None)
+        p = stage_plan(run_config(r["shape"], r), r["stage"], 1, 139.0, None, fsdp=r["variant"] == "fsdp")
         rows.append({"shape": r["shape"], "stage": r["stage"], "variant": r["variant"],
                      "micro_batch": f"{r['batch_size']} x {r['seq_len']}", "measured_gib": r["peak_mem_gib"],
                      "planned_gib": p["gib"]["total"], "planned": p["gib"],

@@ -86,7 +86,10 @@ def _students(run_cfg, stage: str):
     return [build_student_config(base, layers, s["attention_layers"], **kw)[1]], "all"
 
 
-def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_per_s: float | None) -> dict:
+def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_per_s: float | None,
+               fsdp: bool | None = None) -> dict:
+    """One stage's plan. fsdp: whether the student is FSDP2-wrapped (default: when gpus > 1; one GPU under FSDP2, as
+    `zebra bench --train-variants fsdp` runs it, also holds the bf16 all-gather buffers)."""
     from .convert.build import build_student_config
 
     st = run_cfg[stage]
@@ -104,7 +107,8 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
     else:
         p_train = p_student
     largest = max(_count(layer) for m in models for layer in m.model.layers)
-    params = 4 * p_student / N + (2 * 2 * largest if N > 1 else 0)
+    fsdp = N > 1 if fsdp is None else fsdp
+    params = 4 * p_student / N + (2 * 2 * largest if fsdp else 0)
     grads, optim = 4 * p_train / N, 8 * p_train / N
     p_teacher = _count(teacher)
     t_largest = max(_count(layer) for layer in teacher.model.layers)

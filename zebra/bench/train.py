@@ -12,7 +12,11 @@ shapes (SmolLM2-135M; Llama-3.2-1B for the 1B recipe). The first `warmup` steps 
 not timed: tokens/s is the median over the timed steps of the Trainer's own per-step figure.
 
 Variants: "fast" (what `zebra run` does on a GPU: torch.compile per layer, chunked SSD scan in PyTorch), "eager"
-(the same without torch.compile), "fla" (compiled, Mamba2 training scan = fla's parallel kernel, the previous path).
+(the same without torch.compile), "fla" (compiled, Mamba2 training scan = fla's parallel kernel, the previous path),
+"fsdp" (fast, with the trained models inside the pipeline's StageLoss wrapped by FSDP2 as `zebra run` does with
+several ranks: fp32 master weights sharded per layer, bf16 compute; with one process it measures the FSDP2 path's
+memory and speed on one GPU. Under `torchrun --nproc-per-node 1` it joins torchrun's process group, else it makes
+a one-rank group).
 
 Model FLOPs (for MFU, the PaLM convention: matmul FLOPs only, no recomputation counted):
     trained layers  6 * params * tokens  (+ attention scores: 3 * 4 * T/2 * n_h * d_qk per token and layer)
@@ -32,7 +36,7 @@ import torch
 from ..ops import dispatch
 
 PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense tensor-core bf16 FLOP/s
-VARIANTS = ("fast", "eager", "fla")
+VARIANTS = ("fast", "eager", "fla", "fsdp")
 
 
 def peak_flops(device) -> float | None:
@@ -136,6 +140,18 @@ def train_throughput(stage: str, teacher, students, batch_size: int, seq_len: in
         for m in models.values():
             compile_layers(m, mixers_only=stage == "ild")
         compile_layers(teacher)
+    if variant == "fsdp":  # the pipeline's multi-rank path (zebra.pipeline.Run._train), forced on at one rank
+        from ..stages.parallel import StageLoss, ensure_process_group, regroup, wrap
+        from ..stages.trainer import param_groups
+
+        ensure_process_group(device)
+        holder = StageLoss(models, loss_fn)
+        before = {id(p): n for n, p in holder.named_parameters()}
+        count = holder.count
+        holder = wrap(holder, "fsdp", mixed_precision=cuda, device=device, force=True)
+        holder.count = count
+        groups = regroup(param_groups(groups), before, holder)
+        loss_fn = None
     stream = RandomStream(batch_size, seq_len, teacher.config.vocab_size, device)
     cfg = TrainConfig(tokens=(warmup + steps) * stream.tokens_per_batch * grad_accum, lr=1e-5, batch_size=batch_size,
                       grad_accum=grad_accum, ckpt_every=0, warmup_steps=1)

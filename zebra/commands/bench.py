@@ -54,7 +54,8 @@ def add_arguments(p):
     p.add_argument("--train-accum", type=int, default=1, help="--what train: micro-batches per optimizer step")
     p.add_argument("--train-variants", default="fast,eager",
                    help="--what train: fast (torch.compile, chunked PyTorch SSD), eager (no compile), fla (compiled, "
-                        "fla's parallel Mamba2 kernel)")
+                        "fla's parallel Mamba2 kernel), fsdp (fast inside FSDP2, as zebra run with several ranks; "
+                        "one process: `torchrun --nproc-per-node 1 -m zebra.cli bench ...`)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds: start no new point after this")
     p.add_argument("--out", default="bench", help="output folder")
 

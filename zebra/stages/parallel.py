@@ -114,11 +114,25 @@ class StageLoss(nn.Module):
         return call() if call is not None else self.fn(batch)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A process group for FSDP2 with one process: torchrun's (env://) when it started us, else a private one-rank
+    group (benchmarks of the FSDP2 path on one GPU, tests)."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+        multicast_off()
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
 def wrap(loss: StageLoss, strategy: str = "fsdp", mixed_precision: bool = True,
-         device: torch.device | None = None) -> nn.Module:
+         device: torch.device | None = None, force: bool = False) -> nn.Module:
     """The data-parallel module for a StageLoss when world > 1 (the StageLoss itself otherwise): FSDP2 (decoder layers
-    as units, the rest the root unit) or DDP."""
-    if rank_world()[1] == 1:
+    as units, the rest the root unit) or DDP. force: wrap with one rank too (needs a process group: the FSDP2 path
+    measured on one GPU, `zebra bench --train-variants fsdp`)."""
+    if rank_world()[1] == 1 and not force:
         return loss
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
