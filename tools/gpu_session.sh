@@ -86,7 +86,7 @@ wait)
     end=$(( $(date +%s) + ${WAIT:-560} ))
     while [ "$(date +%s)" -lt "$end" ] && [ ! -f /tmp/job.done ]; do sleep 5; done
     cat /tmp/job.log
-    for f in /tmp/smoke.log /tmp/quality.log /tmp/ablate.log; do
+    for f in /tmp/smoke.log /tmp/quality.log /tmp/ablate.log /tmp/decode.log /tmp/fsdp.log; do
         [ -f "$f" ] && { echo "--- $f"; grep -v "it/s\]\|s/it\]\|step/s\]" "$f" | tail -12; }
     done
     collect

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import array
 import hashlib
 import itertools
 import json
@@ -288,14 +289,15 @@ def write_shards(path: Path, docs: Iterable[tuple[np.ndarray, np.ndarray]], dtyp
     """Append documents to shard files ids-K.bin / mask-K.bin (a document never crosses shards; a shard closes
     once it holds shard_tokens), then write offsets.npy (per document: shard, start, length) and meta.json.
     Written into a temporary directory beside `path` and renamed into place: readers see all of it or nothing.
-    Memory: one document batch; progress (documents, tokens, tokens/s) on stderr every `progress_s` seconds."""
+    Memory: one document batch and 24 bytes per document of index; progress (documents, tokens, tokens/s) on stderr every `progress_s` seconds."""
     import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        index: list[tuple[int, int, int]] = []  # (shard, start, length)
+        index = array.array("q")  # (shard, start, length) per document, flat: 24 bytes a document
+        n_docs = 0
         digest = hashlib.sha256()
         shard, in_shard, tokens, loss_tokens = 0, 0, 0, 0
         fi, fm = open(tmp / "ids-0.bin", "wb"), open(tmp / "mask-0.bin", "wb")
@@ -303,7 +305,8 @@ def write_shards(path: Path, docs: Iterable[tuple[np.ndarray, np.ndarray]], dtyp
         for ids, mask in docs:
             n = len(ids)
             if n == 0:
-                index.append((shard, in_shard, 0))
+                index.extend((shard, in_shard, 0))
+                n_docs += 1
                 continue
             if in_shard and in_shard + n > shard_tokens:
                 fi.close(), fm.close()
@@ -312,18 +315,19 @@ def write_shards(path: Path, docs: Iterable[tuple[np.ndarray, np.ndarray]], dtyp
             a, m = np.asarray(ids, dtype), np.asarray(mask, np.uint8)
             fi.write(a.tobytes()), fm.write(m.tobytes())
             digest.update(a.tobytes()), digest.update(m.tobytes())
-            index.append((shard, in_shard, n))
+            index.extend((shard, in_shard, n))
+            n_docs += 1
             in_shard += n
             tokens += n
             loss_tokens += int(m.sum())
             now = time.perf_counter()
             if now - last > progress_s:
                 last = now
-                _say(f"tokenising {label}: {len(index):,} documents, {tokens:,} tokens "
+                _say(f"tokenising {label}: {n_docs:,} documents, {tokens:,} tokens "
                      f"({tokens / (now - t0):,.0f} tokens/s)")
         fi.close(), fm.close()
-        np.save(tmp / "offsets.npy", np.asarray(index, np.int64).reshape(-1, 3))
-        meta = {"version": CACHE_VERSION, "dtype": np.dtype(dtype).name, "shards": shard + 1, "docs": len(index),
+        np.save(tmp / "offsets.npy", np.frombuffer(index, np.int64).reshape(-1, 3))
+        meta = {"version": CACHE_VERSION, "dtype": np.dtype(dtype).name, "shards": shard + 1, "docs": n_docs,
                 "tokens": tokens, "loss_tokens": loss_tokens, "sha256": digest.hexdigest()[:16],
                 "seconds": round(time.perf_counter() - t0, 2)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -331,7 +335,7 @@ def write_shards(path: Path, docs: Iterable[tuple[np.ndarray, np.ndarray]], dtyp
             shutil.rmtree(path)
         os.replace(tmp, path)
         tmp = None
-        _say(f"tokenised {label}: {len(index):,} documents, {tokens:,} tokens in {meta['seconds']}s -> {path}")
+        _say(f"tokenised {label}: {n_docs:,} documents, {tokens:,} tokens in {meta['seconds']}s -> {path}")
         return meta
     finally:
         if tmp is not None:
