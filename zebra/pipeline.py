@@ -89,8 +89,8 @@ class Run:
     def teacher(self, which: str, dtype: torch.dtype | None = None, sharded: bool = False):
         """The base or KD teacher as an all-attention Zebra model (exactly the teacher), frozen, cached per dtype.
         Training uses bf16 on CUDA (no per-step weight casts under autocast); evaluation fp32. sharded: a copy of
-        its own whose decoder layers are sharded across the ranks (parallel.shard_frozen; a collective to run, so
-        never the one that rank 0 evaluates with alone)."""
+        its own, for train_teacher to shard across the ranks (a collective to run, so never the one that rank 0
+        evaluates with alone)."""
         name = self.cfg[which]
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         key = (name, dtype, sharded)
@@ -100,28 +100,30 @@ class Run:
             model, tok, _ = build_student(name, "none", "all")
             for p in model.parameters():
                 p.requires_grad_(False)
-            model = model.to(device=self.device, dtype=dtype).eval()
-            if sharded:
-                from .stages.parallel import shard_frozen
-
-                shard_frozen(model)
-            self._teachers[key] = model
+            self._teachers[key] = model.to(device=self.device, dtype=dtype).eval()
             if self.tok is None:
                 if tok.pad_token is None:
                     tok.pad_token = tok.eos_token
                 self.tok = tok
         return self._teachers[key]
 
-    def train_teacher(self, which: str):
+    def train_teacher(self, which: str, compile: bool = False):
         """The frozen teacher a training stage runs on every rank: `teacher(which)`, or with several FSDP ranks and
         `teacher_sharding` saying so (decided from its parameter count before it is built), a copy with its decoder
-        layers sharded across the ranks."""
+        layers sharded across the ranks. compile: its layers torch.compiled, before sharding (the order FSDP2
+        wants: compile the blocks, then shard them)."""
         from .plan import param_count
-        from .stages.parallel import teacher_sharded
+        from .stages.fastpath import compile_layers
+        from .stages.parallel import is_sharded, shard_frozen, teacher_sharded
 
         nbytes = param_count(self.cfg[which]) * (2 if self.device.type == "cuda" else 4)
         sharded = teacher_sharded(self.cfg["teacher_sharding"], self.cfg["parallel"], nbytes, self.device)
-        return self.teacher(which, sharded=sharded)
+        t = self.teacher(which, sharded=sharded)
+        if compile:
+            compile_layers(t)
+        if sharded and not is_sharded(t):
+            shard_frozen(t)
+        return t
 
     def eval_teacher(self):
         """The teacher that held-out metrics compare with: fp32 up to 1B parameters (cheap), else the bf16 one."""
@@ -430,14 +432,13 @@ class Run:
         st = self.cfg["distill"]
         d = self.write_stage_config("distill")
         student = self.load(self.stage_dir("compose") / "model")
-        teacher = self.train_teacher("teacher")
+        teacher = self.train_teacher("teacher", compile=self.compile)
         if st["grad_checkpointing"]:
             student.model.gradient_checkpointing = True
         groups = distill_parameters(student, st["lr"], st["lr_other"])
         evaluator = self._curve_evaluator(student, teacher) if st["eval_every"] else None
         if self.compile:
             compile_layers(student)
-            compile_layers(teacher)
         summary, states = self._train("distill", {"student": student}, make_distill_loss(teacher, student), groups,
                                       self.stream("kd", st, loss_on=st["loss_on"]),
                                       self.train_config(st, st["tokens"]), evaluator, frozen=teacher)
