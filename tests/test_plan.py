@@ -52,6 +52,24 @@ def test_plan_counts_state_bytes_and_shards_them(tmp_path):
     assert d4["gib"]["teacher"] == pytest.approx(d1["gib"]["teacher"]) and d4["teacher_mode"] == "replicated"
 
 
+def test_plan_has_a_dpo_row_when_dpo_is_on(tmp_path):
+    """dpo.enabled: a third row for the hybrid trained on batch_size x 2 x max_len tokens, its fp32 reference in the
+    teacher column (4 B x params), the full logits (12 B x vocab a token) instead of the fused KL; no row without."""
+    from zebra.convert.build import build_student_config
+    from zebra.model.hybrid import ZebraForCausalLM
+
+    assert [s["stage"] for s in plan(tiny_run(tmp_path, dpo={"enabled": False}), 1)["stages"]] == ["ild", "distill"]
+    path = tiny_run(tmp_path, dpo={"enabled": True, "batch_size": 3, "max_len": 40})
+    with torch.device("meta"):
+        cfg = build_student_config(str(tmp_path / "t"), [0, 3], None, kv_rank=16, rope_dim=8, nope_dim=8)[1]
+        n = sum(p.numel() for p in ZebraForCausalLM(cfg).parameters())
+    d = plan(path, 1)["stages"][2]
+    assert d["stage"] == "dpo" and d["trained_params"] == n and d["micro_batch_tokens"] == 3 * 2 * 40
+    assert d["gib"]["teacher"] * GiB == pytest.approx(4 * n) and d["teacher_mode"] == "replicated"
+    assert d["gib"]["fused_kl"] * GiB == pytest.approx(3 * 2 * 40 * cfg.vocab_size * 12)
+    assert d["gib"]["optimizer"] * GiB == pytest.approx(8 * n) and "hours" not in d
+
+
 def test_plan_of_a_sharded_teacher(tmp_path):
     """teacher_sharding: shard: 2 B x (embeddings + head + final norm, whole) + 2 B x layers / N + 2 gathered
     layers, from the teacher's exact counts; with one GPU it stays replicated (nothing to shard over)."""

@@ -16,6 +16,11 @@ Memory model, per rank, FSDP2 over N ranks (N = 1: plain data parallel of one):
                  (the chunked scan's (Q x Q) fp32 blocks, Q = 64))
     fused KL     4096-token chunk x vocab x 4 B x 6 (both models' logits and softmaxes, the gradient) + the head's
                  fp32 gradient (vocab x d x 4 B)
+    DPO          (when dpo.enabled) the distilled hybrid trains on batch_size pairs x 2 sequences x max_len tokens per
+                 micro-batch; its frozen reference is the same model in fp32 (4 B x params, replicated or sharded by
+                 the teacher's rule, in the teacher column); instead of the fused KL, the full logits of the policy
+                 and the reference: tokens x vocab x 12 B (policy logits in bf16 and their fp32 copy kept for the
+                 backward, their fp32 gradient, the reference's logits alive meanwhile). Estimated, not yet measured.
 times ACT_SCALE (fitted to measured peaks), plus a fixed 2 GiB for the CUDA context and allocator slack. Time: tokens / (measured tokens/s per GPU x N x 0.9),
 the tokens/s from a `zebra bench --what train` JSON (--bench) or --tokens-per-s.
 
@@ -95,9 +100,12 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
     st = run_cfg[stage]
     configs, trains = _students(run_cfg, stage)
     models = [_meta_model(c) for c in configs]
-    teacher_name = run_cfg["_teacher_shape"] or (run_cfg["base"] if stage == "ild" else run_cfg["teacher"])
-    tcfg = build_student_config(teacher_name, "none", "all")[1]
-    teacher = _meta_model(tcfg)
+    if stage == "dpo":  # the frozen reference is the distilled hybrid itself, in fp32 (Run.load)
+        tcfg, teacher, t_bytes = configs[0], models[0], 4
+    else:
+        teacher_name = run_cfg["_teacher_shape"] or (run_cfg["base"] if stage == "ild" else run_cfg["teacher"])
+        tcfg = build_student_config(teacher_name, "none", "all")[1]
+        teacher, t_bytes = _meta_model(tcfg), 2
     N = gpus
     p_student = sum(_count(m) for m in models)
     if trains == "mixers":
@@ -114,6 +122,8 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
     t_largest = max(_count(layer) for layer in teacher.model.layers)
     seq = st.get("seq_len") or run_cfg["seq_len"]
     tokens = st["batch_size"] * seq  # per micro-batch per rank
+    if stage == "dpo":  # chosen and rejected, each up to max_len
+        tokens = st["batch_size"] * 2 * st["max_len"]
     per_token = 0.0
     for m in models:
         cfg = m.config
@@ -129,17 +139,19 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
     if stage == "distill":
         V, d = configs[0].vocab_size, configs[0].hidden_size
         kl = KL_CHUNK * V * 4 * 6 + V * d * 4 + tokens * tcfg.hidden_size * 2
+    elif stage == "dpo":
+        kl = tokens * configs[0].vocab_size * 12
     fixed = params + grads + optim + activations + kl + OVERHEAD
     budget = gpu_mem_gib * GiB
     # the frozen teacher: whole on every rank, or its layers sharded (the same rule the pipeline applies)
     from .stages.parallel import shard_teacher
 
     p_layers = _count(teacher.model.layers)
-    sharded_teacher = 2 * (p_teacher - p_layers) + 2 * p_layers / N + 2 * 2 * t_largest
-    if shard_teacher(run_cfg["teacher_sharding"], run_cfg["parallel"], N, 2 * p_teacher, gpu_mem_gib * GiB):
+    sharded_teacher = t_bytes * ((p_teacher - p_layers) + p_layers / N + 2 * t_largest)
+    if shard_teacher(run_cfg["teacher_sharding"], run_cfg["parallel"], N, t_bytes * p_teacher, gpu_mem_gib * GiB):
         teacher_mem, teacher_mode = sharded_teacher, "sharded"
     else:
-        teacher_mem, teacher_mode = 2 * p_teacher, "replicated"
+        teacher_mem, teacher_mode = t_bytes * p_teacher, "replicated"
     total = fixed + teacher_mem
     out = {
         "stage": stage, "gpus": N, "trains": trains, "student_params": p_student, "trained_params": p_train,
@@ -150,9 +162,9 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
                 "overhead": OVERHEAD / GiB, "total": total / GiB},
         "teacher_mode": teacher_mode, "gpu_mem_gib": gpu_mem_gib, "fits": total <= budget,
         "fits_with_sharded_teacher": fixed + sharded_teacher <= budget,
-        "tokens": st["tokens"],
+        "tokens": st.get("tokens"),
     }
-    if tokens_per_s:
+    if tokens_per_s and st.get("tokens"):
         out["tokens_per_s_per_gpu"] = tokens_per_s
         out["hours"] = st["tokens"] / (tokens_per_s * N * (SCALING if N > 1 else 1.0)) / 3600
     return out
@@ -177,8 +189,8 @@ def plan(config_path: str | Path, gpus: int, gpu_mem_gib: float = 139.0, bench: 
     cfg = load_config(config_path)
     cfg["_shape"], cfg["_teacher_shape"] = shape, teacher_shape or shape
     stages = []
-    for stage in ("ild", "distill"):
-        tps = tokens_per_s
+    for stage in ("ild", "distill") + (("dpo",) if cfg["dpo"]["enabled"] else ()):
+        tps = tokens_per_s if stage != "dpo" else None  # no DPO throughput is measured
         if tps is None and bench is not None:
             tps = bench_tokens_per_s(bench, shape or Path(cfg["base"]).name, stage)
         stages.append(stage_plan(cfg, stage, gpus, gpu_mem_gib, tps))
@@ -187,7 +199,7 @@ def plan(config_path: str | Path, gpus: int, gpu_mem_gib: float = 139.0, bench: 
 
 def markdown(res: dict) -> str:
     lines = [f"`{res['config']}` on {res['gpus']} GPU(s) of {res['gpu_mem_gib']:.0f} GiB (per GPU, GiB):", "",
-             "| stage | trains | micro-batch | params | grads | optimizer | teacher | activations | fused KL | total | fits | time |",
+             "| stage | trains | micro-batch | params | grads | optimizer | teacher (DPO: reference) | activations | fused KL (DPO: logits) | total | fits | time |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for s in res["stages"]:
         g = s["gib"]
