@@ -15,20 +15,13 @@ import torch
 WORKER = Path(__file__).parent / "distributed_worker.py"
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(out: Path, strategy: str, world: int, rows: int, steps: int = 6, stop_after: int = 0, stage: str = "distill"):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ZEBRA_DEVICE": "cpu"}
     env.pop("ZEBRA_STOP_AFTER_STEPS", None)
     if stop_after:
         env["ZEBRA_STOP_AFTER_STEPS"] = str(stop_after)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(free_port()),
+    # --standalone: torchrun binds a free port itself (a port picked here could be taken before torchrun binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world),
            str(WORKER), str(out), strategy, str(rows), str(steps), stage] if world > 1 else \
           [sys.executable, str(WORKER), str(out), strategy, str(rows), str(steps), stage]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)

@@ -45,7 +45,7 @@ def write_config(root, name, **over):
         "sensitivity": {"num_seqs": 2, "seq_len": 32, "batch_size": 2},
         "pairs": {"num_pairs": 4, "max_new_tokens": 6, "batch_size": 4},
         "dpo": {"lr": 1e-4, "batch_size": 2, "max_len": 64, "ckpt_every": 1},
-        "eval": {"num_seqs": 2, "seq_len": 32, "batch_size": 2, "plaintext_seqs": 2},
+        "eval": {"num_seqs": 2, "seq_len": 32, "batch_size": 2, "plaintext_seqs": 2, "tasks": []},
     }
     for k, v in over.items():
         cfg[k] = v

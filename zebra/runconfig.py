@@ -54,7 +54,8 @@ DEFAULTS = {
     "dpo": {"enabled": True, "lr": 5e-7, "beta": 0.1, "epochs": 1, "batch_size": 4, "grad_accum": 1,
             "max_len": 1024, "ckpt_every": 50, "pairs_file": None},  # pairs_file: your own (prompt, chosen, rejected) JSONL
     "eval": {"num_seqs": 64, "seq_len": 512, "batch_size": 8, "plaintext_seqs": 64,
-             "tasks": [], "limit": None, "jobs": "auto",  # tasks: lm-eval tasks for teacher and student ([] = none)
+             "tasks": list(TABLE1_TASKS), "limit": None, "jobs": "auto",  # lm-eval tasks for teacher and student
+             # (default: the paper's Table 1 tasks; [] = none)
              "proxy_tasks": [], "proxy_limit": 500,  # the fast multiple-choice proxy (zebra.eval.quick)
              "teacher_async": True},  # on a GPU, score the teacher in the background while the student trains
 }
