@@ -117,7 +117,13 @@ def test_torchrun_pipeline_matches_one_process(tiny_setup, tmp_path):
     """`torchrun --nproc-per-node 2 -m zebra.cli run` of a tiny config (FSDP2 on gloo, the teacher's layers and DPO's
     reference sharded too) completes with one set of stage folders written by rank 0, and the held-out KL of a
     1-process run with the same global batch."""
-    base = dict(dpo={"lr": 1e-4, "batch_size": 2, "max_len": 64, "ckpt_every": 1}, distill={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2},
+    # the same preference pairs for both runs (pairs sampled from each run's own student could differ: sampling
+    # turns the runs' last-bit differences into different tokens)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Say something about {w}.", "chosen": f"{w} is fine and good.",
+                                         "rejected": f"no {w}"}) + "\n" for w in ("cats", "rain", "tea", "maps")))
+    base = dict(dpo={"lr": 1e-4, "batch_size": 2, "max_len": 64, "ckpt_every": 1, "pairs_file": str(pairs)},
+                distill={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2},
                 ild={"tokens": 64 * 2 * 4, "lr": 1e-3, "batch_size": 2, "ckpt_every": 2})
     one = write_config(tiny_setup, "one-rank", **base)
     half = {k: {**v, "batch_size": 1} if k in ("ild", "distill") else v for k, v in base.items()}
