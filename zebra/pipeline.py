@@ -116,8 +116,9 @@ class Run:
         from .stages.fastpath import compile_layers
         from .stages.parallel import is_sharded, shard_frozen, teacher_sharded
 
-        nbytes = param_count(self.cfg[which]) * (2 if self.device.type == "cuda" else 4)
-        sharded = teacher_sharded(self.cfg["teacher_sharding"], self.cfg["parallel"], nbytes, self.device)
+        sharded = self.world > 1 and teacher_sharded(
+            self.cfg["teacher_sharding"], self.cfg["parallel"],
+            param_count(self.cfg[which]) * (2 if self.device.type == "cuda" else 4), self.device)
         t = self.teacher(which, sharded=sharded)
         if compile:
             compile_layers(t)
