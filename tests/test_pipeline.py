@@ -130,7 +130,9 @@ def test_bad_configs_fail_clearly(tmp_path):
     for bad, key in (("distill: {tokens: 2.5}", "distill.tokens"), ("distill: {lr: fast}", "distill.lr"),
                      ("ild: {mode: everything}", "ild.mode"), ("student: {kv_rank: [1]}", "student.kv_rank"),
                      ("distill: {schedule: linear}", "distill.schedule"), ("ild: {betas: [0.9]}", "ild.betas"),
-                     ("compile: maybe", "compile"), ("student: {conv_init: zeros}", "student.conv_init")):
+                     ("compile: maybe", "compile"), ("student: {conv_init: zeros}", "student.conv_init"),
+                     ("teacher_sharding: half", "teacher_sharding"),
+                     ("{teacher_sharding: shard, parallel: ddp}", "teacher_sharding")):
         p.write_text(bad + "\n")
         with pytest.raises(ZebraError, match=key.replace(".", r"\.")):
             load_config(p)
@@ -184,6 +186,15 @@ def test_one_default_for_the_student_geometry():
     from zebra.convert.layout import DEFAULT_ROPE_DIM
 
     assert args.rope_dim in (None, DEFAULT_ROPE_DIM) and s["rope_dim"] == DEFAULT_ROPE_DIM
+
+
+def test_the_eval_stage_scores_the_seven_table1_tasks_by_default():
+    """Issue 9: `zebra run`'s eval stage runs lm-eval on the paper's Table 1 tasks unless the config says otherwise."""
+    from zebra.runconfig import config_from_dict
+
+    assert config_from_dict({})["eval"]["tasks"] == ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande",
+                                                     "openbookqa", "mmlu"]
+    assert config_from_dict({"eval": {"tasks": []}})["eval"]["tasks"] == []
 
 
 def test_distillation_reads_its_own_data_when_given(tiny_setup, tmp_path):

@@ -86,14 +86,14 @@ class Run:
         atomic_write_text(d / "summary.json", json.dumps(summary, indent=2) + "\n")
         atomic_write_text(d / "DONE", time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
-    def teacher(self, which: str, dtype: torch.dtype | None = None, sharded: bool = False):
+    def teacher(self, which: str, dtype: torch.dtype | None = None, copy: str = ""):
         """The base or KD teacher as an all-attention Zebra model (exactly the teacher), frozen, cached per dtype.
-        Training uses bf16 on CUDA (no per-step weight casts under autocast); evaluation fp32. sharded: a copy of
-        its own, for train_teacher to shard across the ranks (a collective to run, so never the one that rank 0
-        evaluates with alone)."""
+        Training uses bf16 on CUDA (no per-step weight casts under autocast); evaluation fp32. copy: a named copy of
+        its own (train_teacher's sharded ones: a collective to run, so never the one that rank 0 evaluates with
+        alone)."""
         name = self.cfg[which]
         dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
-        key = (name, dtype, sharded)
+        key = (name, dtype, copy)
         if key not in self._teachers:
             from .convert.build import build_student
 
@@ -108,23 +108,29 @@ class Run:
         return self._teachers[key]
 
     def train_teacher(self, which: str, compile: bool = False):
-        """The frozen teacher a training stage runs on every rank: `teacher(which)`, or with several FSDP ranks and
-        `teacher_sharding` saying so (decided from its parameter count before it is built), a copy with its decoder
-        layers sharded across the ranks. compile: its layers torch.compiled, before sharding (the order FSDP2
-        wants: compile the blocks, then shard them)."""
+        """The frozen teacher a training stage runs on every rank: `teacher(which)` (its layers compiled when
+        `compile`), or with several FSDP ranks and `teacher_sharding` saying so (decided from its parameter count
+        before it is built) a fresh copy, compiled first if asked (FSDP2's order: compile the blocks, then shard
+        them), then its decoder layers sharded across the ranks. A stage's sharded copy replaces the previous
+        stage's (not kept for the rest of the run)."""
         from .plan import param_count
         from .stages.fastpath import compile_layers
-        from .stages.parallel import is_sharded, shard_frozen, teacher_sharded
+        from .stages.parallel import shard_frozen, teacher_sharded
 
         sharded = self.world > 1 and teacher_sharded(
             self.cfg["teacher_sharding"], self.cfg["parallel"],
             param_count(self.cfg[which]) * (2 if self.device.type == "cuda" else 4), self.device)
-        t = self.teacher(which, sharded=sharded)
+        if not sharded:
+            t = self.teacher(which)
+            if compile:
+                compile_layers(t)
+            return t
+        for key in [k for k in self._teachers if k[2] == "sharded"]:
+            del self._teachers[key]
+        t = self.teacher(which, copy="sharded")
         if compile:
             compile_layers(t)
-        if sharded and not is_sharded(t):
-            shard_frozen(t)
-        return t
+        return shard_frozen(t)
 
     def eval_teacher(self):
         """The teacher that held-out metrics compare with: fp32 up to 1B parameters (cheap), else the bf16 one."""

@@ -176,6 +176,9 @@ def check(cfg: dict) -> dict:
             raise ZebraError(f"config key {key!r} must be positive, not {v!r}")
     if cfg["seq_len"] < 16:
         raise ZebraError("config key 'seq_len' must be at least 16")
+    if cfg["teacher_sharding"] == "shard" and cfg["parallel"] != "fsdp":
+        raise ZebraError("config key 'teacher_sharding' is 'shard', which needs 'parallel: fsdp' (DDP replicates "
+                         f"every model), not {cfg['parallel']!r}")
     for stage in ("ild", "distill"):
         b = cfg[stage]["betas"]
         if len(b) != 2:
