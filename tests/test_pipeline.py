@@ -66,7 +66,11 @@ def test_full_run_then_interrupted_run_resumes_to_identical_weights(tiny_setup, 
     (DPO) weights equal the uninterrupted run's."""
     root = tiny_setup
     cfg = load_config(write_config(root, "a"))
-    Run(cfg, root / "run-a").run()
+    # the uninterrupted run also scores teacher and student with lm-eval in its eval stage (a sample of ARC-E)
+    with_tasks = load_config(write_config(root, "a-tasks", eval={"num_seqs": 2, "seq_len": 32, "batch_size": 2,
+                                                                 "plaintext_seqs": 2, "tasks": ["arc_easy"],
+                                                                 "limit": 4, "jobs": 1}))
+    Run(with_tasks, root / "run-a").run()
     for s in STAGES[:-1]:
         assert (root / "run-a" / s / "DONE").exists(), s
     report = (root / "run-a" / "report.md").read_text()
@@ -78,6 +82,10 @@ def test_full_run_then_interrupted_run_resumes_to_identical_weights(tiny_setup, 
     assert top["student"]["kv_percent"] == pytest.approx(smart_kv(cfg))
     assert top["student"]["heldout_kl"] > 0 and top["teacher"]["plaintext_ppl"] > 1 and top["total_seconds"] > 0
     assert set(top["stage_seconds"]) >= {"init", "ild", "distill", "eval"}
+    scored = json.loads((root / "run-a" / "eval" / "eval.json").read_text())
+    assert [m["results"]["arc_easy"]["n"] for m in scored["models"]] == [4, 4]  # teacher and student, 4 items each
+    report = (root / "run-a" / "report.md").read_text()
+    assert "| model | ARC-E | avg | % of teacher | KV % |" in report
     # the run's products in bf16 (save_dtype's default), the ILD pools the next stages train from in fp32
     from safetensors.torch import load_file
 
