@@ -6,8 +6,8 @@ running counter so no two documents are equal; no evaluation data), a `zebra run
     ZEBRA_CACHE=OUT/cache zebra prepare OUT/config.yaml --loss-on all
 
 as a child process and records what it did: documents, tokens, seconds, tokens/s, the child's peak resident memory
-(getrusage of the waited child), the shard files on disk, and the progress lines it printed. The corpus is then mapped
-back (ShardedCorpus) and a packed stream draws its first batches, which reads only the pages it touches.
+(getrusage of the waited child), the shard files on disk, and the progress lines it printed. The finished cache is
+then mapped back (ShardedCorpus) and its last document read, timing what a run pays to open it.
 
     python tools/prepare_scale.py --tokens 1e9 --out /tmp/prep --json results/prepare-cpu/prepare.json
 """

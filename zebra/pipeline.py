@@ -115,11 +115,10 @@ class Run:
         stage's (not kept for the rest of the run)."""
         from .plan import param_count
         from .stages.fastpath import compile_layers
-        from .stages.parallel import shard_frozen, teacher_sharded
+        from .stages.parallel import shard_frozen
 
-        sharded = self.world > 1 and teacher_sharded(
-            self.cfg["teacher_sharding"], self.cfg["parallel"],
-            param_count(self.cfg[which]) * (2 if self.device.type == "cuda" else 4), self.device)
+        sharded = self.world > 1 and self._shards_frozen(
+            param_count(self.cfg[which]) * (2 if self.device.type == "cuda" else 4))
         if not sharded:
             t = self.teacher(which)
             if compile:
@@ -131,6 +130,12 @@ class Run:
         if compile:
             compile_layers(t)
         return shard_frozen(t)
+
+    def _shards_frozen(self, nbytes: float) -> bool:
+        """Whether a frozen model of `nbytes` (a teacher, DPO's reference) is sharded in this run (parallel's rule)."""
+        from .stages.parallel import teacher_sharded
+
+        return teacher_sharded(self.cfg["teacher_sharding"], self.cfg["parallel"], nbytes, self.device)
 
     def eval_teacher(self):
         """The teacher that held-out metrics compare with: fp32 up to 1B parameters (cheap), else the bf16 one."""
@@ -493,10 +498,9 @@ class Run:
         reference = self.load(self.stage_dir("distill") / "model").eval()
         for p in reference.parameters():
             p.requires_grad_(False)
-        from .stages.parallel import shard_frozen, teacher_sharded
+        if self._shards_frozen(sum(p.numel() * p.element_size() for p in reference.parameters())):
+            from .stages.parallel import shard_frozen
 
-        nbytes = sum(p.numel() * p.element_size() for p in reference.parameters())
-        if teacher_sharded(self.cfg["teacher_sharding"], self.cfg["parallel"], nbytes, self.device):
             shard_frozen(reference)  # the frozen reference, like a teacher
         pairs_path = st["pairs_file"] or self.stage_dir("pairs") / "pairs.jsonl"
         stream = PairStream(self.tokenizer(), read_pairs(pairs_path), st["batch_size"],

@@ -32,7 +32,7 @@ DEFAULTS = {
     "compile": "auto",  # torch.compile the decoder layers while training: auto (= on CUDA), true, false
     "parallel": "fsdp",  # several ranks (torchrun): "fsdp" (FSDP2, sharded) or "ddp" (replicated)
     "teacher_sharding": "auto",  # several ranks with fsdp: the frozen teacher's layers sharded (shard), not (replicate),
-    # or auto: sharded when a replicated copy would take more than 1/8 of a GPU (zebra.stages.parallel.teacher_sharded)
+    # or auto: sharded when a replicated copy would take more than 1/8 of a GPU (zebra.stages.parallel.shard_teacher)
     "save_dtype": "bfloat16",  # the distilled / DPO models on disk: bfloat16 or float32 (ILD pools stay fp32)
     "student": {"num_mla": 6, "placement": "smart", "mla_layers": None, "attention_layers": None, "kv_budget": None,
                 "kv_rank": DEFAULT_KV_RANK, "q_rank": None, "rope_dim": DEFAULT_ROPE_DIM, "nope_dim": None,  # = zebra convert's

@@ -289,7 +289,8 @@ def write_shards(path: Path, docs: Iterable[tuple[np.ndarray, np.ndarray]], dtyp
     """Append documents to shard files ids-K.bin / mask-K.bin (a document never crosses shards; a shard closes
     once it holds shard_tokens), then write offsets.npy (per document: shard, start, length) and meta.json.
     Written into a temporary directory beside `path` and renamed into place: readers see all of it or nothing.
-    Memory: one document batch and 24 bytes per document of index; progress (documents, tokens, tokens/s) on stderr every `progress_s` seconds."""
+    Memory: one document batch and 24 bytes of index per document; progress (documents, tokens, tokens/s) on
+    stderr every `progress_s` seconds."""
     import shutil
 
     path = Path(path)
