@@ -7,7 +7,8 @@
 #   quality  zebra run configs/smollm2-135m-quality.yaml -> /tmp/quality (lm-eval of teacher and student inside)
 #   ablate   zebra ablate configs/ablations-smollm2.yaml -> /tmp/ablations, until JOB_DEADLINE (epoch seconds)
 #   decode   zebra bench (issue 10 item 5): 8B / 1B batch-1 decode at 1k-32k, the 8B batch sweep at 8k
-#            -> /tmp/results/bench-decode
+#            -> /tmp/results/bench-decode (DECODE_S: its time limit, default 360; DECODE_BATCHES: the sweep, default
+#            96,128,256: on an 80 GB card the largest Llama-8B batch at 8k is ~56, so add smaller ones there)
 #   fsdp     torchrun --nproc-per-node 1 -m zebra.cli bench --what train --shapes 1b --train-variants fast,fsdp
 #            (issue 11 item 7: the 1B stages under FSDP2, peak memory against zebra plan) -> /tmp/results/fsdp-bench
 # JOB_STEPS (default "quality bench ablate": the run first, it is the result that matters) picks steps.
@@ -44,9 +45,9 @@ sys.exit(0 if any(r["variant"] == "fast" and r.get("status") == "ok" for r in ro
 PY
         ;;
     decode)
-        step decode 420 python3 -m zebra.cli bench --shapes 8b,1b --variants llama,zebra \
-            --lengths 1024,8192,32768 --batches 96,128,256 --batch-length 8192 --what decode,batch --steps 8 \
-            --time-limit 360 --out "$R/bench-decode" ;;
+        step decode $(( ${DECODE_S:-360} + 60 )) python3 -m zebra.cli bench --shapes 8b,1b --variants llama,zebra \
+            --lengths 1024,8192,32768 --batches "${DECODE_BATCHES:-96,128,256}" --batch-length 8192 \
+            --what decode,batch --steps 8 --time-limit "${DECODE_S:-360}" --out "$R/bench-decode" ;;
     fsdp)
         step fsdp 300 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m zebra.cli bench --what train \
             --shapes 1b --train-variants fast,fsdp --steps 5 --warmup 2 --out "$R/fsdp-bench"
