@@ -17,6 +17,19 @@ from pathlib import Path
 
 import pytest
 
+import os
+
+# every GPU test's limit unless it sets its own: a hung kernel fails one test, not the lease
+GPU_TEST_TIMEOUT_S = float(os.environ.get("ZEBRA_GPU_TEST_TIMEOUT", 120))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Each `gpu`-marked test without its own `timeout` mark gets GPU_TEST_TIMEOUT_S (pytest-timeout), so
+    `pytest -m gpu` is bounded per test however it is started (tools/gpu_session.sh also passes --timeout)."""
+    for item in items:
+        if item.get_closest_marker("gpu") is not None and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(GPU_TEST_TIMEOUT_S))
+
 
 @pytest.fixture(scope="session")
 def teacher_dir() -> Path:
