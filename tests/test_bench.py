@@ -177,7 +177,7 @@ def test_bench_cli_end_to_end_on_cpu(tmp_path):
 
 @pytest.mark.parametrize("argv", [
     ["--shapes", "70b"], ["--variants", "llama,gpt"], ["--lengths", "0,5"], ["--batches", "x"],
-    ["--what", "decode,fly"], ["--what", "train", "--shapes", "8b"],
+    ["--what", "decode,fly"], ["--what", "train", "--shapes", "8b"], ["--fit-step", "-1"],
 ])
 def test_bench_bad_input_exits_2(argv, tmp_path, capsys):
     assert main(["bench", *argv, "--out", str(tmp_path / "o")]) == 2
@@ -197,3 +197,49 @@ def test_bench_with_a_bf16_ssm_state_counts_half_the_state_bytes(tmp_path):
     assert runs["bf16"]["ssm_dtype"] == "bf16"
     b32, b16 = (r["points"][0]["bytes_per_step"]["0"] for r in (runs["fp32"], runs["bf16"]))
     assert b16 < b32  # only the Mamba2 state differs between the two runs
+
+
+@pytest.mark.parametrize("limit,step,expect", [(13, 1, 13), (13, 4, 12), (200, 8, 200), (3, 8, 0), (100, 8, 96)])
+def test_fit_search_finds_the_largest_batch_that_fits(limit, step, expect):
+    from zebra.commands.bench import fit_search
+
+    tried = []
+
+    def fits(B):
+        tried.append(B)
+        return B <= limit
+
+    lo = max((b for b in (8, 16, 32, 64, 128) if b <= limit), default=0)
+    hi = min((b for b in (8, 16, 32, 64, 128, 256) if b > limit), default=512)
+    assert fit_search(lo, hi, step, fits) == expect
+    assert all(lo < b < hi for b in tried) and len(tried) <= 8  # bisection, inside the bracket
+
+
+def test_batch_sweep_bisects_below_the_first_out_of_memory_batch(tmp_path, monkeypatch):
+    """A variant whose batch 64 runs out of memory: the sweep marks 64 and 128 OOM, bisects 32..64 to the largest
+    batch that fits (48 at --fit-step 8, memory faked at 50 rows), and the report names each variant's best batch."""
+    from zebra.bench.runner import Bench
+
+    real = Bench.generation_point
+
+    def limited(self, model, zc, batch, length):
+        if zc.mixer_types.count("attention") == len(zc.mixer_types) and batch > 50:
+            raise torch.OutOfMemoryError("CUDA out of memory (faked)")
+        return real(self, model, zc, min(batch, 2), length)  # small on the CPU; the batch is relabelled below
+
+    monkeypatch.setattr(Bench, "generation_point",
+                        lambda self, model, zc, batch, length: {**limited(self, model, zc, batch, length),
+                                                                "batch": batch})
+    shape = tmp_path / "tiny.json"
+    shape.write_text(json.dumps(TINY))
+    out = tmp_path / "b"
+    assert main(["bench", "--shapes", str(shape), "--variants", "llama,zebra", "--what", "batch", "--batches",
+                 "32,64,128", "--batch-length", "8", "--steps", "1", "--warmup", "0", "--dtype", "fp32",
+                 "--out", str(out)]) == 0
+    res = json.loads((out / "bench.json").read_text())
+    llama = [(p["batch"], p["status"], p.get("fit_search", False)) for p in res["points"] if p["variant"] == "llama"]
+    assert llama[:3] == [(32, "ok", False), (64, "oom", False), (128, "oom", False)]
+    assert [b for b, st, fs in llama if fs] == [48, 56] and ("48", "ok") == (str(llama[3][0]), llama[3][1])
+    assert [p["batch"] for p in res["points"] if p["variant"] == "zebra"] == [32, 64, 128]  # nothing to search
+    md = (out / "bench.md").read_text()
+    assert "llama B=48" in md and "zebra B=128" in md and "x llama)" in md

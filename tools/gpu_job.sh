@@ -8,7 +8,8 @@
 #   ablate   zebra ablate configs/ablations-smollm2.yaml -> /tmp/ablations, until JOB_DEADLINE (epoch seconds)
 #   decode   zebra bench (issue 10 item 5): 8B / 1B batch-1 decode at 1k-32k, the 8B batch sweep at 8k
 #            -> /tmp/results/bench-decode (DECODE_S: its time limit, default 360; DECODE_BATCHES: the sweep, default
-#            96,128,256: on an 80 GB card the largest Llama-8B batch at 8k is ~56, so add smaller ones there)
+#            96,128,256; below a batch that runs out of memory the bench bisects to the largest that fits, e.g.
+#            Llama-8B at 8k on an 80 GB card)
 #   fsdp     torchrun --nproc-per-node 1 -m zebra.cli bench --what train --shapes 1b --train-variants fast,fsdp
 #            (issue 11 item 7: the 1B stages under FSDP2, peak memory against zebra plan) -> /tmp/results/fsdp-bench
 # JOB_STEPS (default "quality bench ablate": the run first, it is the result that matters) picks steps.

@@ -34,6 +34,15 @@ def _fmt_tps(p, base):
     return s
 
 
+def best_batches(res, shape) -> dict:
+    """Per variant, the batch-sweep point with the most tokens/s among those that fitted."""
+    best = {}
+    for p in _pts(res, shape, "batch"):
+        if p["status"] == "ok" and p["tokens_per_s"] > best.get(p["variant"], {}).get("tokens_per_s", 0):
+            best[p["variant"]] = p
+    return best
+
+
 def markdown(res) -> str:
     out = [f"device: {res['device']}; copy bandwidth {res['bandwidth_gbs']:.0f} GB/s; torch {res['torch']}, "
            f"triton {res.get('triton')}, transformers {res['transformers']}; commit {res.get('commit')}; {res['date']}",
@@ -117,6 +126,14 @@ def markdown(res) -> str:
                                    f"{p['tokens_per_s']:,.0f}")
                 if any(c != "-" for c in row):
                     out.append(f"| {v} | " + " | ".join(row) + " |")
+            best = best_batches(res, shape)
+            if best:
+                base = best.get("llama")
+                out += ["", "Best batch that fits this GPU (the sweep, plus bisection below the first out-of-memory "
+                        "batch): " + "; ".join(
+                            f"{v} B={p['batch']} {p['tokens_per_s']:,.0f} tokens/s"
+                            + (f" ({p['tokens_per_s'] / base['tokens_per_s']:.2f}x llama)" if base and v != "llama" else "")
+                            for v, p in best.items())]
             out.append("")
         pre = _pts(res, shape, "prefill")
         if pre:

@@ -40,6 +40,9 @@ def add_arguments(p):
     p.add_argument("--hf-lengths", default="1024,8192,32768", help="decode lengths measured for hf (slow)")
     p.add_argument("--batches", default="8,16,32,64,128,256", help="batch sweep sizes")
     p.add_argument("--batch-length", type=int, default=8192, help="batch sweep: tokens generated")
+    p.add_argument("--fit-step", type=int, default=8,
+                   help="batch sweep: when a batch runs out of memory, bisect down to the largest batch that fits, "
+                        "to this granularity (0: off), so each variant's best batch on this GPU is measured")
     p.add_argument("--prefill", default="2048,8192,32768", help="prefill prompt lengths (batch 1)")
     p.add_argument("--steps", type=int, default=16, help="timed decode steps per position")
     p.add_argument("--warmup", type=int, default=3)
@@ -58,6 +61,20 @@ def add_arguments(p):
                         "one process: `torchrun --nproc-per-node 1 -m zebra.cli bench ...`)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds: start no new point after this")
     p.add_argument("--out", default="bench", help="output folder")
+
+
+def fit_search(lo: int, hi: int, step: int, fits) -> int:
+    """The largest batch in (lo, hi) that fits, to `step`: lo fitted (0: none did), hi ran out of memory; fits(B)
+    measures batch B and says whether it fitted. Bisection over multiples of step; returns lo when none does."""
+    while hi - lo > step:
+        mid = max(lo + step, (lo + hi) // 2 // step * step)
+        if mid >= hi:
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _commit():
@@ -84,8 +101,8 @@ def run(args) -> int:
         raise ZebraError(f"--what takes {', '.join(KINDS)}, got {args.what!r}")
     lengths, hf_lengths = _ints(args.lengths, "--lengths"), _ints(args.hf_lengths, "--hf-lengths")
     batches, prefill = _ints(args.batches, "--batches"), _ints(args.prefill, "--prefill")
-    if args.batch_length <= 1 or args.steps <= 0 or args.warmup < 0:
-        raise ZebraError("--batch-length must be > 1, --steps > 0 and --warmup >= 0")
+    if args.batch_length <= 1 or args.steps <= 0 or args.warmup < 0 or args.fit_step < 0:
+        raise ZebraError("--batch-length must be > 1, --steps > 0, --warmup >= 0 and --fit-step >= 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -199,15 +216,23 @@ def run(args) -> int:
                             (lambda L=L: bench.hf_generation_point(model, cfg, 1, L)) if hf else
                             (lambda L=L: bench.generation_point(model, zc, 1, L)))
             if "batch" in what and not hf:
-                failed = None
+                def batch_point(B, **extra):
+                    return guarded(shape, variant, "batch", {"batch": B, "length": args.batch_length, **extra},
+                                   lambda: {**bench.generation_point(model, zc, B, args.batch_length), **extra})
+
+                failed, fits = None, 0
                 for B in batches:
-                    meta = {"batch": B, "length": args.batch_length}
-                    if failed == "oom":  # a larger batch needs more memory still
-                        add(shape, variant, "batch", {**meta, "status": "oom", "error": "a smaller batch did not fit"})
+                    if failed is not None:  # a larger batch needs more memory still
+                        add(shape, variant, "batch", {"batch": B, "length": args.batch_length, "status": "oom",
+                                                      "error": "a smaller batch did not fit"})
                         continue
-                    st = guarded(shape, variant, "batch", meta,
-                                 lambda B=B: bench.generation_point(model, zc, B, args.batch_length))
-                    failed = st if st == "oom" else failed
+                    st = batch_point(B)
+                    if st == "ok":
+                        fits = B
+                    elif st == "oom":
+                        failed = B
+                if failed is not None and args.fit_step > 0:
+                    fit_search(fits, failed, args.fit_step, lambda B: batch_point(B, fit_search=True) == "ok")
             if "prefill" in what:
                 for T in prefill:
                     guarded(shape, variant, "prefill", {"batch": 1, "length": T},
