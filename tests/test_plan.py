@@ -3,6 +3,7 @@ bytes hand-computed from exact parameter counts; sharding divides them by N; the
 CLI on the paper's 8B recipe for 8 GPUs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,3 +100,17 @@ def test_plan_cli_for_the_paper_8b_recipe_on_8_gpus(tmp_path, capsys):
     assert d["fits"] and d["global_batch_tokens"] == 64 * 2048 and 7e9 < d["student_params"] < 9e9
     assert "| distill |" in capsys.readouterr().out
     assert cli.main(["plan", "configs/paper/llama-3.1-8b-8mla24m2.yaml", "--gpus", "0", "--shape", "llama-3.1-8b"]) == 2
+
+
+def test_plan_without_the_weights_says_to_pass_a_shape(tmp_path, monkeypatch, capsys):
+    """A paper config whose base directory is not there (the user has not downloaded it yet): exit 2 with the
+    loading error and how to plan from a shipped shape instead; with --shape the same config plans."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no hub retries in the test
+    monkeypatch.chdir(tmp_path)
+    cfg = "configs/paper/llama-3.2-1b-8mla8m2.yaml"
+    (tmp_path / "configs" / "paper").mkdir(parents=True)
+    (tmp_path / cfg).write_text((Path(__file__).parent.parent / cfg).read_text())
+    assert cli.main(["plan", cfg, "--gpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "models/Llama-3.2-1B-Instruct" in err and "--shape (llama-3.1-8b, llama-3.2-1b" in err
+    assert cli.main(["plan", cfg, "--gpus", "2", "--shape", "llama-3.2-1b"]) == 0

@@ -189,11 +189,19 @@ def plan(config_path: str | Path, gpus: int, gpu_mem_gib: float = 139.0, bench: 
     cfg = load_config(config_path)
     cfg["_shape"], cfg["_teacher_shape"] = shape, teacher_shape or shape
     stages = []
-    for stage in ("ild", "distill") + (("dpo",) if cfg["dpo"]["enabled"] else ()):
-        tps = tokens_per_s if stage != "dpo" else None  # no DPO throughput is measured
-        if tps is None and bench is not None:
-            tps = bench_tokens_per_s(bench, shape or Path(cfg["base"]).name, stage)
-        stages.append(stage_plan(cfg, stage, gpus, gpu_mem_gib, tps))
+    try:
+        for stage in ("ild", "distill") + (("dpo",) if cfg["dpo"]["enabled"] else ()):
+            tps = tokens_per_s if stage != "dpo" else None  # no DPO throughput is measured
+            if tps is None and bench is not None:
+                tps = bench_tokens_per_s(bench, shape or Path(cfg["base"]).name, stage)
+            stages.append(stage_plan(cfg, stage, gpus, gpu_mem_gib, tps))
+    except ZebraError as e:
+        if shape is not None:
+            raise
+        from .convert.teacher import SHAPES_DIR  # a plan needs only the shape: say how to plan without weights
+
+        names = ", ".join(sorted(f.stem for f in SHAPES_DIR.glob("*.json")))
+        raise ZebraError(f"{e}; to plan without the weights, pass --shape ({names}) or a config.json") from e
     return {"config": str(config_path), "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "stages": stages}
 
 
