@@ -233,3 +233,16 @@ def test_distillation_reads_its_own_data_when_given(tiny_setup, tmp_path):
     for bad, match in (([], "distill.data' lists no source"), ([{"type": "bogus"}], "unknown data source type")):
         with pytest.raises(ZebraError, match=match):
             load_config(write_config(root, "bad-data", distill={"data": bad}))
+
+
+def test_ablation_plot_places_the_teacher_from_the_proxy_percentages(tmp_path):
+    """The accuracy-vs-KV plot's teacher point: a row at 30% accuracy that is 60% of the teacher puts the teacher at
+    50%; rows without a proxy give none."""
+    from zebra.ablate import _plot, teacher_proxy
+
+    rows = [{"variant": "a", "status": "ok", "kv_percent": 5.0, "proxy_acc_norm": 0.30, "proxy_percent_of_teacher": 60.0},
+            {"variant": "b", "status": "ok", "kv_percent": 0.0, "proxy_acc_norm": 0.35, "proxy_percent_of_teacher": 70.0}]
+    assert teacher_proxy(rows) == pytest.approx(0.5)
+    assert teacher_proxy([{"variant": "c", "status": "ok"}]) is None
+    _plot(rows, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

@@ -188,6 +188,15 @@ def run_ablations(spec_path: str | Path, out_dir: str | Path, only: list[str] | 
     return out / "ablations.md"
 
 
+def teacher_proxy(rows: list[dict]) -> float | None:
+    """The teacher's proxy accuracy, from a row's own accuracy and its % of the teacher (every row scores the same
+    teacher on the same items)."""
+    for r in rows:
+        if r.get("proxy_acc_norm") and r.get("proxy_percent_of_teacher"):
+            return r["proxy_acc_norm"] / (r["proxy_percent_of_teacher"] / 100)
+    return None
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     pts = [r for r in rows if r.get("status") == "ok" and r.get("proxy_acc_norm") is not None]
     if not pts:
@@ -202,6 +211,10 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.scatter(r["kv_percent"], 100 * r["proxy_acc_norm"])
         ax.annotate(r["variant"], (r["kv_percent"], 100 * r["proxy_acc_norm"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))
+    teacher = teacher_proxy(pts)
+    if teacher is not None:  # the reference: the teacher's own accuracy at its full cache
+        ax.scatter(100, 100 * teacher, marker="*", s=120, color="black")
+        ax.annotate("teacher", (100, 100 * teacher), fontsize=7, textcoords="offset points", xytext=(-30, 5))
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("KV cache, % of the teacher")
     ax.set_ylabel("accuracy proxy (avg acc_norm, %)")
