@@ -114,3 +114,10 @@ def test_plan_without_the_weights_says_to_pass_a_shape(tmp_path, monkeypatch, ca
     err = capsys.readouterr().err
     assert "models/Llama-3.2-1B-Instruct" in err and "--shape (llama-3.1-8b, llama-3.2-1b" in err
     assert cli.main(["plan", cfg, "--gpus", "2", "--shape", "llama-3.2-1b"]) == 0
+    capsys.readouterr()
+    # a bad --bench file is named as such, not blamed on the missing weights
+    (tmp_path / "bad.json").write_text("{not json")
+    for bench in ("bad.json", "missing.json"):
+        assert cli.main(["plan", cfg, "--gpus", "2", "--shape", "llama-3.2-1b", "--bench", bench]) == 2
+        err = capsys.readouterr().err
+        assert f"--bench {bench}" in err and "--shape (" not in err

@@ -170,12 +170,36 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
     return out
 
 
-def bench_tokens_per_s(path: str | Path, shape: str, stage: str) -> float | None:
-    """The fastest measured tokens/s of `stage` on `shape` in a `zebra bench --what train` JSON."""
-    data = json.loads(Path(path).read_text())
+def read_bench(path: str | Path) -> dict:
+    """A `zebra bench --what train` JSON, or a ZebraError naming the file."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ZebraError(f"--bench {path}: cannot read it as a zebra bench JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("train", []), list):
+        raise ZebraError(f"--bench {path}: not a `zebra bench --what train` JSON (no 'train' list)")
+    return data
+
+
+def bench_tokens_per_s(data: dict, shape: str, stage: str) -> float | None:
+    """The fastest measured tokens/s of `stage` on `shape` in a `zebra bench --what train` result (read_bench)."""
     rows = [r for r in data.get("train", []) if r.get("status") == "ok" and r.get("stage") == stage
             and r.get("shape") == shape]
     return max((r["tokens_per_s"] for r in rows), default=None)
+
+
+def _check_models(cfg: dict) -> None:
+    """Each model the plan reads from the config (no --shape for it) has a readable config, or a ZebraError that
+    says how to plan without the weights."""
+    from .convert.teacher import load_teacher_config, shape_names
+
+    names = ([] if cfg["_shape"] else [cfg["base"]]) + ([] if cfg["_teacher_shape"] else [cfg["base"], cfg["teacher"]])
+    for name in dict.fromkeys(names):
+        try:
+            load_teacher_config(name)
+        except ZebraError as e:
+            raise ZebraError(f"{e}; to plan without the weights, pass --shape ({', '.join(shape_names())}) or a "
+                             "config.json") from e
 
 
 def plan(config_path: str | Path, gpus: int, gpu_mem_gib: float = 139.0, bench: str | Path | None = None,
@@ -189,19 +213,13 @@ def plan(config_path: str | Path, gpus: int, gpu_mem_gib: float = 139.0, bench: 
     cfg = load_config(config_path)
     cfg["_shape"], cfg["_teacher_shape"] = shape, teacher_shape or shape
     stages = []
-    try:
-        for stage in ("ild", "distill") + (("dpo",) if cfg["dpo"]["enabled"] else ()):
-            tps = tokens_per_s if stage != "dpo" else None  # no DPO throughput is measured
-            if tps is None and bench is not None:
-                tps = bench_tokens_per_s(bench, shape or Path(cfg["base"]).name, stage)
-            stages.append(stage_plan(cfg, stage, gpus, gpu_mem_gib, tps))
-    except ZebraError as e:
-        if shape is not None:
-            raise
-        from .convert.teacher import SHAPES_DIR  # a plan needs only the shape: say how to plan without weights
-
-        names = ", ".join(sorted(f.stem for f in SHAPES_DIR.glob("*.json")))
-        raise ZebraError(f"{e}; to plan without the weights, pass --shape ({names}) or a config.json") from e
+    _check_models(cfg)
+    bench_data = read_bench(bench) if bench is not None else None
+    for stage in ("ild", "distill") + (("dpo",) if cfg["dpo"]["enabled"] else ()):
+        tps = tokens_per_s if stage != "dpo" else None  # no DPO throughput is measured
+        if tps is None and bench_data is not None:
+            tps = bench_tokens_per_s(bench_data, shape or Path(cfg["base"]).name, stage)
+        stages.append(stage_plan(cfg, stage, gpus, gpu_mem_gib, tps))
     return {"config": str(config_path), "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "stages": stages}
 
 
