@@ -235,14 +235,21 @@ def test_distillation_reads_its_own_data_when_given(tiny_setup, tmp_path):
             load_config(write_config(root, "bad-data", distill={"data": bad}))
 
 
-def test_ablation_plot_places_the_teacher_from_the_proxy_percentages(tmp_path):
-    """The accuracy-vs-KV plot's teacher point: a row at 30% accuracy that is 60% of the teacher puts the teacher at
-    50%; rows without a proxy give none."""
-    from zebra.ablate import _plot, teacher_proxy
+def test_ablation_plot_draws_the_teacher_point(tmp_path, monkeypatch):
+    """The accuracy-vs-KV plot: one point per row plus the teacher's proxy accuracy at 100% KV; no teacher point
+    when the rows carry none."""
+    import matplotlib.axes
 
-    rows = [{"variant": "a", "status": "ok", "kv_percent": 5.0, "proxy_acc_norm": 0.30, "proxy_percent_of_teacher": 60.0},
-            {"variant": "b", "status": "ok", "kv_percent": 0.0, "proxy_acc_norm": 0.35, "proxy_percent_of_teacher": 70.0}]
-    assert teacher_proxy(rows) == pytest.approx(0.5)
-    assert teacher_proxy([{"variant": "c", "status": "ok"}]) is None
+    from zebra.ablate import _plot
+
+    drawn = []
+    real = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter",
+                        lambda self, x, y, *a, **k: drawn.append((x, y)) or real(self, x, y, *a, **k))
+    rows = [{"variant": "a", "status": "ok", "kv_percent": 5.0, "proxy_acc_norm": 0.30, "proxy_teacher_acc_norm": 0.5},
+            {"variant": "b", "status": "ok", "kv_percent": 0.0, "proxy_acc_norm": 0.35, "proxy_teacher_acc_norm": 0.5}]
     _plot(rows, tmp_path / "p.png")
-    assert (tmp_path / "p.png").stat().st_size > 1000
+    assert drawn == [(5.0, 30.0), (0.0, 35.0), (100, 50.0)] and (tmp_path / "p.png").stat().st_size > 1000
+    drawn.clear()
+    _plot([{k: v for k, v in r.items() if k != "proxy_teacher_acc_norm"} for r in rows], tmp_path / "q.png")
+    assert drawn == [(5.0, 30.0), (0.0, 35.0)]

@@ -114,6 +114,7 @@ def _row(name: str, change, run: Path) -> dict:
     if "proxy" in top:
         row["proxy_acc_norm"] = top["proxy"]["student"].get("avg_acc_norm")
         row["proxy_percent_of_teacher"] = top["proxy"].get("percent_of_teacher")
+        row["proxy_teacher_acc_norm"] = top["proxy"].get("teacher", {}).get("avg_acc_norm")
         row["proxy_tasks"] = {k: v for k, v in top["proxy"]["student"].items() if isinstance(v, dict)}
     return row
 
@@ -188,15 +189,6 @@ def run_ablations(spec_path: str | Path, out_dir: str | Path, only: list[str] | 
     return out / "ablations.md"
 
 
-def teacher_proxy(rows: list[dict]) -> float | None:
-    """The teacher's proxy accuracy, from a row's own accuracy and its % of the teacher (every row scores the same
-    teacher on the same items)."""
-    for r in rows:
-        if r.get("proxy_acc_norm") and r.get("proxy_percent_of_teacher"):
-            return r["proxy_acc_norm"] / (r["proxy_percent_of_teacher"] / 100)
-    return None
-
-
 def _plot(rows: list[dict], path: Path) -> None:
     pts = [r for r in rows if r.get("status") == "ok" and r.get("proxy_acc_norm") is not None]
     if not pts:
@@ -211,8 +203,8 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.scatter(r["kv_percent"], 100 * r["proxy_acc_norm"])
         ax.annotate(r["variant"], (r["kv_percent"], 100 * r["proxy_acc_norm"]), fontsize=7,
                     textcoords="offset points", xytext=(3, 3))
-    teacher = teacher_proxy(pts)
-    if teacher is not None:  # the reference: the teacher's own accuracy at its full cache
+    teacher = next((r["proxy_teacher_acc_norm"] for r in pts if r.get("proxy_teacher_acc_norm")), None)
+    if teacher is not None:  # the reference: the teacher's own accuracy (the same for every row) at its full cache
         ax.scatter(100, 100 * teacher, marker="*", s=120, color="black")
         ax.annotate("teacher", (100, 100 * teacher), fontsize=7, textcoords="offset points", xytext=(-30, 5))
     ax.set_xscale("symlog", linthresh=1)
