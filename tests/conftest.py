@@ -13,11 +13,10 @@ Asset fixtures never download or build anything: they skip the test when the cac
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
-
-import os
 
 # every GPU test's limit unless it sets its own: a hung kernel fails one test, not the lease
 GPU_TEST_TIMEOUT_S = float(os.environ.get("ZEBRA_GPU_TEST_TIMEOUT", 120))

@@ -220,7 +220,7 @@ def run(args) -> int:
                     return guarded(shape, variant, "batch", {"batch": B, "length": args.batch_length, **extra},
                                    lambda: {**bench.generation_point(model, zc, B, args.batch_length), **extra})
 
-                failed, fits = None, 0
+                failed, largest_ok = None, 0
                 for B in batches:
                     if failed is not None:  # a larger batch needs more memory still
                         add(shape, variant, "batch", {"batch": B, "length": args.batch_length, "status": "oom",
@@ -228,11 +228,11 @@ def run(args) -> int:
                         continue
                     st = batch_point(B)
                     if st == "ok":
-                        fits = B
+                        largest_ok = B
                     elif st == "oom":
                         failed = B
                 if failed is not None and args.fit_step > 0:
-                    fit_search(fits, failed, args.fit_step, lambda B: batch_point(B, fit_search=True) == "ok")
+                    fit_search(largest_ok, failed, args.fit_step, lambda B: batch_point(B, fit_search=True) == "ok")
             if "prefill" in what:
                 for T in prefill:
                     guarded(shape, variant, "prefill", {"batch": 1, "length": T},
