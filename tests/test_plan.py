@@ -3,6 +3,7 @@ bytes hand-computed from exact parameter counts; sharding divides them by N; the
 CLI on the paper's 8B recipe for 8 GPUs."""
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -121,3 +122,29 @@ def test_plan_without_the_weights_says_to_pass_a_shape(tmp_path, monkeypatch, ca
         assert cli.main(["plan", cfg, "--gpus", "2", "--shape", "llama-3.2-1b", "--bench", bench]) == 2
         err = capsys.readouterr().err
         assert f"--bench {bench}" in err and "--shape (" not in err
+
+
+def test_plan_check_splits_the_peak_into_state_and_what_is_above_it(tmp_path, monkeypatch):
+    """tools/plan_check.py: a bench row's peak against zebra plan, and, where the bench recorded the memory held
+    after training, its two parts (state kept between steps / the peak above it) against the plan's same parts."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_check", Path(__file__).parents[1] / "tools" / "plan_check.py")
+    pc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pc)
+    row = {"shape": "smollm2-135m", "stage": "ild", "variant": "fast", "status": "ok", "batch_size": 16,
+           "seq_len": 2048, "grad_accum": 1, "peak_mem_gib": 40.0, "held_before_gib": 1.0, "held_after_gib": 3.0}
+    old = {**row, "stage": "distill"}
+    del old["held_before_gib"], old["held_after_gib"]
+    (tmp_path / "bench.json").write_text(json.dumps({"train": [row, old, {**row, "status": "oom"}]}))
+    monkeypatch.setattr(sys, "argv", ["plan_check", str(tmp_path / "bench.json"), "--out", str(tmp_path / "out")])
+    pc.main()
+    rows = json.loads((tmp_path / "out" / "plan-check.json").read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["ild", "distill"]  # the OOM row is not a peak
+    new, old_row = rows
+    g = new["planned"]
+    assert new["measured_state_gib"] == 3.0 and new["measured_above_state_gib"] == 37.0
+    assert new["planned_state_gib"] == pytest.approx(g["parameters"] + g["optimizer"] + g["teacher"])
+    assert new["planned_state_gib"] + new["planned_above_state_gib"] == pytest.approx(g["total"])
+    assert new["error"] == pytest.approx(g["total"] / 40.0 - 1)
+    assert "measured_state_gib" not in old_row

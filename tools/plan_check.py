@@ -30,6 +30,18 @@ def run_config(shape: str, row: dict) -> dict:
     return cfg
 
 
+def split(row: dict, gib: dict) -> dict:
+    """The peak in two parts, measured against planned, where the bench recorded the memory held after training
+    (older bench JSONs did not): the state kept between steps (weights, optimizer, teacher) and the peak above it
+    (gradients, activations, the KL's chunks, workspace)."""
+    if row.get("held_after_gib") is None:
+        return {}
+    state = gib["parameters"] + gib["optimizer"] + gib["teacher"]
+    return {"measured_state_gib": row["held_after_gib"], "planned_state_gib": state,
+            "measured_above_state_gib": row["peak_mem_gib"] - row["held_after_gib"],
+            "planned_above_state_gib": gib["total"] - state}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bench", help="a `zebra bench --what train` bench.json")
@@ -44,15 +56,20 @@ def main() -> None:
         rows.append({"shape": r["shape"], "stage": r["stage"], "variant": r["variant"],
                      "micro_batch": f"{r['batch_size']} x {r['seq_len']}", "measured_gib": r["peak_mem_gib"],
                      "planned_gib": p["gib"]["total"], "planned": p["gib"],
-                     "error": p["gib"]["total"] / r["peak_mem_gib"] - 1})
+                     "error": p["gib"]["total"] / r["peak_mem_gib"] - 1, **split(r, p["gib"])})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "plan-check.json").write_text(json.dumps({"bench": args.bench, "rows": rows}, indent=1) + "\n")
-    print("| shape | stage | micro-batch | measured peak GiB | zebra plan GiB | error |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| shape | stage | variant | micro-batch | measured peak GiB | zebra plan GiB | error "
+          "| state: measured / planned | above state: measured / planned |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|")
     for x in rows:
-        print(f"| {x['shape']} | {x['stage']} | {x['micro_batch']} | {x['measured_gib']:.1f} | "
-              f"{x['planned_gib']:.1f} | {100 * x['error']:+.0f}% |")
+        parts = ["-", "-"]
+        if "measured_state_gib" in x:
+            parts = [f"{x['measured_state_gib']:.1f} / {x['planned_state_gib']:.1f}",
+                     f"{x['measured_above_state_gib']:.1f} / {x['planned_above_state_gib']:.1f}"]
+        print(f"| {x['shape']} | {x['stage']} | {x['variant']} | {x['micro_batch']} | {x['measured_gib']:.1f} | "
+              f"{x['planned_gib']:.1f} | {100 * x['error']:+.0f}% | {parts[0]} | {parts[1]} |")
 
 
 if __name__ == "__main__":

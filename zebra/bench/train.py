@@ -160,10 +160,12 @@ def train_throughput(stage: str, teacher, students, batch_size: int, seq_len: in
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
+        held_before = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
         with tempfile.TemporaryDirectory() as tmp:
             trainer = Trainer(holder, groups, loss_fn, stream, cfg, tmp, f"{stage}-{variant}", device)
             summary = trainer.fit()
             recs = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+            held_after = torch.cuda.memory_allocated(device) / 2**30 if cuda else None
     finally:
         dispatch.set_train_scan(prev_scan)
     per_step = [r["tokens_per_s"] for r in recs if "event" not in r][warmup:]
@@ -174,7 +176,11 @@ def train_throughput(stage: str, teacher, students, batch_size: int, seq_len: in
             "tokens_per_step": stream.tokens_per_batch * grad_accum, "steps_timed": len(per_step),
             "tokens_per_s": tps, "model_tflops": flops * tps / 1e12, "mfu": flops * tps / peak if peak else None,
             "loss": summary["final"].get("loss"), "compiled": compiled,
-            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None}
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+            # what the peak is made of (zebra plan's check, tools/plan_check.py): the models alone before training,
+            # the state kept between steps after it (weights + optimizer; gradients are freed), and the peak above
+            # that state (activations, gradients, the KL's and the kernels' transients)
+            "held_before_gib": held_before, "held_after_gib": held_after}
 
 
 # ---- `zebra bench --what train` ---------------------------------------------------------------------------
