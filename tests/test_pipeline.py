@@ -174,6 +174,11 @@ def test_ablations_reuse_shared_stages_and_tabulate(tiny_setup, tmp_path):
     assert rows[0]["kl_ild"] == rows[1]["kl_ild"] and rows[0]["heldout_kl"] != rows[1]["heldout_kl"]
     assert rows[2]["kl_init"] != rows[0]["kl_init"]
     assert "| betas-paper |" in (out / "ablations.md").read_text()
+    # --only one variant again: it resumes (every stage done) and the table keeps the other variants' rows
+    run_ablations(spec, out, only=["conv-random"])
+    again = json.loads((out / "ablations.json").read_text())["rows"]
+    assert [r["variant"] for r in again] == ["baseline", "betas-paper", "conv-random"]
+    assert [r["heldout_kl"] for r in again] == [r["heldout_kl"] for r in rows]
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"base": str(base), "variants": {"x": {"distill": {"betas": "fast"}}}}))

@@ -183,10 +183,27 @@ def run_ablations(spec_path: str | Path, out_dir: str | Path, only: list[str] | 
                 index[fp] = str(d.resolve())
         atomic_write_text(index_path, json.dumps(index, indent=2) + "\n")
         rows.append(row)
-        atomic_write_text(out / "ablations.json", json.dumps({"spec": spec, "rows": rows}, indent=2, default=str) + "\n")
-        atomic_write_text(out / "ablations.md", markdown(rows))
-        _plot(rows, out / "accuracy_vs_kv.png")
+        table = _with_earlier(spec, out, rows)
+        atomic_write_text(out / "ablations.json", json.dumps({"spec": spec, "rows": table}, indent=2, default=str) + "\n")
+        atomic_write_text(out / "ablations.md", markdown(table))
+        _plot(table, out / "accuracy_vs_kv.png")
     return out / "ablations.md"
+
+
+def _with_earlier(spec: dict, out: Path, rows: list[dict]) -> list[dict]:
+    """The table of every variant of the spec, in its order: this invocation's rows, and the finished runs an earlier
+    invocation left in `out` (so `--only` adds rows to the table instead of replacing it)."""
+    now = {r["variant"]: r for r in rows}
+    table = []
+    for name, change in spec["variants"].items():
+        if name in now:
+            table.append(now[name])
+        elif (out / name / "summary.json").exists():
+            try:
+                table.append({**_row(name, change or "(the recipe as is)", out / name), "status": "ok"})
+            except (OSError, KeyError, ValueError):  # an unfinished or foreign folder is not a row
+                pass
+    return table
 
 
 def _plot(rows: list[dict], path: Path) -> None:
