@@ -14,8 +14,8 @@ Memory model, per rank, FSDP2 over N ranks (N = 1: plain data parallel of one):
                  A_layer = bytes a layer keeps per token for backward in bf16 autocast (residual and norms 8 d,
                  MLP 10 I, attention / MLA 10 H D, Mamba2 2 (2 d_inner + 2 d_xb) + 4 conv + 48 d_inner + 24 H Q
                  (the chunked scan's (Q x Q) fp32 blocks, Q = 64))
-    fused KL     4096-token chunk x vocab x 4 B x 6 (both models' logits and softmaxes, the gradient) + the head's
-                 fp32 gradient (vocab x d x 4 B)
+    fused KL     4096-token chunk x vocab x 10 B (both models' bf16 logits, the compiled KL's fp32 gradient and its
+                 bf16 copy for the two GEMMs; zebra.ops.fused_kl) + the head's fp32 gradient (vocab x d x 4 B)
     DPO          (when dpo.enabled) the distilled hybrid trains on batch_size pairs x 2 sequences x max_len tokens per
                  micro-batch; its frozen reference is the same model in fp32 (4 B x params, replicated or sharded by
                  the teacher's rule, in the teacher column); instead of the fused KL, the full logits of the policy
@@ -39,9 +39,11 @@ from .errors import ZebraError
 
 GiB = 2**30
 KL_CHUNK = 4096
-# what torch.compile'd training keeps of the formula's activations, fitted to the four one-GPU peaks of `zebra bench
-# --what train` on the H200 (BENCHMARKS.md: SmolLM2 and 1B shapes, ILD and distillation)
-ACT_SCALE = {"mixers": 0.55, "layers": 0.8, "all": 0.8}
+KL_BYTES = 10  # per (token x vocab) element of one chunk of the fused KL, compiled (eager held ~24: fbd6616 compiled it)
+# what torch.compile'd training keeps of the formula's activations, fitted to one-GPU peaks of `zebra bench --what
+# train` (BENCHMARKS.md): ILD ("mixers") to the SmolLM2 and 1B ILD peaks (H200, dacf815), distillation ("all") to the
+# 1B distillation peak with the compiled fused KL (H100, b0b010b); "layers" (full ILD) is not measured
+ACT_SCALE = {"mixers": 0.55, "layers": 0.8, "all": 0.6}
 OVERHEAD = 2 * GiB
 SCALING = 0.9  # assumed data-parallel efficiency when extrapolating one GPU's tokens/s to N
 
@@ -138,7 +140,7 @@ def stage_plan(run_cfg: dict, stage: str, gpus: int, gpu_mem_gib: float, tokens_
     kl = 0.0
     if stage == "distill":
         V, d = configs[0].vocab_size, configs[0].hidden_size
-        kl = KL_CHUNK * V * 4 * 6 + V * d * 4 + tokens * tcfg.hidden_size * 2
+        kl = KL_CHUNK * V * KL_BYTES + V * d * 4 + tokens * tcfg.hidden_size * 2
     elif stage == "dpo":
         kl = tokens * configs[0].vocab_size * 12
     fixed = params + grads + optim + activations + kl + OVERHEAD
