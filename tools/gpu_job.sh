@@ -56,7 +56,8 @@ PY
             --shapes 1b --train-variants fast,fsdp --steps 5 --warmup 2 --out "$R/fsdp-bench"
         python3 tools/plan_check.py "$R/fsdp-bench/bench.json" --out "$R/fsdp-bench" >> /tmp/fsdp.log 2>&1 ;;
     gputests)
-        step gputests "${GPU_TEST_S:-300}" python3 -m pytest -q -rA --durations=15 -p no:cacheprovider -m gpu \
+        # -v: each test's name and result as it ends, so a suite cut off by GPU_TEST_S still says where it was
+        step gputests "${GPU_TEST_S:-300}" python3 -m pytest -v -rA --durations=15 -p no:cacheprovider -m gpu \
             ${GPU_TESTS:-tests/test_*_gpu.py} ;;
     quality)
         step quality 1200 python3 -m zebra.cli run configs/smollm2-135m-quality.yaml --out /tmp/quality ;;

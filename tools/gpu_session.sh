@@ -9,6 +9,8 @@
 #   bash tools/gpu_session.sh start      # carry .gpu/c (or .gpu/w, see below): start tools/gpu_job.sh in the
 #                                        #   background (smoke run, train bench, quality run, ablations), follow it
 #   bash tools/gpu_session.sh wait       # follow the job (up to WAIT s, default 560), then collect results
+# The device's copy of the tree has no .git: pass ZEBRA_COMMIT=<hash> in the command (e.g. `ZEBRA_COMMIT=04ad6f1
+# JOB_STEPS=decode bash tools/gpu_session.sh start`) so the benches record the commit they ran.
 # Results come back as $OUT/results.tgz (everything small: summaries, eval JSON, reports, plots, metrics, bench,
 # ablations) plus $OUT/job.log and the quality run's summary.json.
 set -uo pipefail
