@@ -114,6 +114,15 @@ def test_full_run_then_interrupted_run_resumes_to_identical_weights(tiny_setup, 
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
 
+    # a re-run with other settings for a finished stage is refused before anything is written (it would reuse it)
+    saved = (run_b / "run_config.json").read_text()
+    for over, stage, key in (({"student": {**cfg["student"], "kv_rank": 8}}, "init", "student.kv_rank"),
+                             ({"distill": {**cfg["distill"], "lr": 5e-4}}, "distill", "distill"),
+                             ({"eval": {**cfg["eval"], "num_seqs": 3}}, "compose", "eval.num_seqs")):
+        with pytest.raises(ZebraError, match=f"stage '{stage}' is finished with other settings \\({key}"):
+            Run({**cfg, **over}, run_b).run()
+    assert (run_b / "run_config.json").read_text() == saved
+
 
 def smart_kv(cfg):
     """KV % of 2 MLA layers (r_kv 16 + d_r 8) of 4 teacher layers (2 KV heads x 16 dims x K and V)."""
@@ -258,3 +267,24 @@ def test_ablation_plot_draws_the_teacher_point(tmp_path, monkeypatch):
     drawn.clear()
     _plot([{k: v for k, v in r.items() if k != "proxy_teacher_acc_norm"} for r in rows], tmp_path / "q.png")
     assert drawn == [(5.0, 30.0), (0.0, 35.0)]
+
+
+def test_bad_data_fails_before_any_stage_writes(tiny_setup, tmp_path):
+    """A missing, empty or corrupt data file is a clear error before init starts: the run folder is not created."""
+    root = tiny_setup
+    empty, corrupt = tmp_path / "empty.jsonl", tmp_path / "corrupt.jsonl"
+    empty.write_text("")
+    corrupt.write_text('{"text": "fine"}\n{"text": "broken\n')
+    for path in (tmp_path / "missing.jsonl", empty, corrupt):
+        cfg = load_config(write_config(root, "bad-data-" + path.stem))
+        cfg["data"] = [{"type": "jsonl", "path": str(path)}]
+        out = tmp_path / f"run-{path.stem}"
+        with pytest.raises(ZebraError, match="missing|empty|corrupt|JSON|no tokens"):
+            Run(cfg, out).run()
+        assert not out.exists(), path
+    # an --out that cannot be a folder is refused first, naming it
+    (tmp_path / "afile").write_text("x")
+    cfg = load_config(write_config(root, "bad-out"))
+    for out, match in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "run", "afile is a file")):
+        with pytest.raises(ZebraError, match=match):
+            Run(cfg, out).run()

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,3 +103,20 @@ def test_lm_eval_hf_loader_scores_like_zebra_eval(tmp_path, teacher_tokenizer):
     ours = make_hflm(model, tok, batch_size=2)
     want = [ll for ll, _ in ours.loglikelihood([Instance("loglikelihood", {}, tuple(p), i) for i, p in enumerate(pairs)])]
     assert got["ll"] == pytest.approx(want, abs=1e-4)
+
+
+def test_readme_python_example_runs_on_the_cpu(tmp_path, teacher_tokenizer, monkeypatch):
+    """The README's Python section as a user copies it (its CPU lines: load, chat template, generate, the cache driven
+    by hand) runs against a saved student under the installed transformers: an upgrade that changes what
+    apply_chat_template returns breaks this test, not the user."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"## Python\n\n```python\n(.*?)```", readme, re.S).group(1).splitlines()
+    gpu = next(i for i, line in enumerate(block) if line.startswith("# On a GPU"))
+    by_hand = next(i for i, line in enumerate(block) if "from zebra.model.cache import" in line)
+    code = "\n".join(block[:gpu] + block[by_hand:])
+    tok = teacher_tokenizer
+    save_model(tiny_model(["mla", "mamba2"], vocab_size=len(tok)), tok, tmp_path / "student", {})
+    monkeypatch.chdir(tmp_path)
+    env = {}
+    exec(compile(code.replace('"student"', repr(str(tmp_path / "student"))), "README.md", "exec"), env)
+    assert env["logits"].shape[:2] == (1, 1) and env["ids"].dim() == 2

@@ -41,13 +41,25 @@ STAGE_KEYS = {
     "distill": ["distill", "teacher", "data", "seq_len", "ild_fraction"],
     "pairs": ["pairs", "dpo"],
     "dpo": ["dpo"],
+    "eval": ["eval"],
 }
 
 
 def _get(cfg: dict, key: str):
     for part in key.split("."):
-        cfg = cfg[part]
+        cfg = cfg.get(part) if isinstance(cfg, dict) else None
     return cfg
+
+
+def changed_stage(old: dict, new: dict, done) -> tuple[str, list[str]] | None:
+    """The first stage that `done(stage)` says is finished and whose own settings differ between two run configs,
+    with the keys that differ; None if every finished stage would compute the same again."""
+    for stage, keys in STAGE_KEYS.items():
+        diff = [k for k in keys if json.dumps(_get(old, k), sort_keys=True, default=str)
+                != json.dumps(_get(new, k), sort_keys=True, default=str)]
+        if diff and done(stage):
+            return stage, diff
+    return None
 
 
 def stage_fingerprints(cfg: dict) -> dict[str, str]:

@@ -656,9 +656,59 @@ class Run:
         if self.rank == 0:
             print(f"[zebra run] {msg}", flush=True)
 
+    def _out_problem(self) -> str | None:
+        """Why the run folder cannot be made or written, found before any work (None: it can)."""
+        import os
+
+        if self.out.exists() and not self.out.is_dir():
+            return f"--out {self.out} is a file, not a folder"
+        up = self.out
+        while not up.exists():
+            up = up.parent
+        if not up.is_dir():
+            return f"cannot create --out {self.out}: {up} is a file, not a folder"
+        if not os.access(up, os.W_OK | os.X_OK):
+            return f"cannot create --out {self.out}: {up} is not writable"
+        return None
+
+    def _resume_conflict(self) -> str | None:
+        """A re-run into a folder whose finished stages were computed from other settings would silently reuse them:
+        say which stage and which settings instead."""
+        from .ablate import _get, changed_stage
+
+        prev = self.out / "run_config.json"
+        if not prev.exists():
+            return None
+        try:
+            old = json.loads(prev.read_text())
+        except ValueError:
+            return f"{prev} is not valid JSON: not a zebra run folder, or a damaged one; use another --out"
+        hit = changed_stage(old, self.cfg, self.done)
+        if hit is None:
+            return None
+        stage, keys = hit
+        later = STAGES[STAGES.index(stage):]
+        what = "; ".join(f"{k}: {_get(old, k)!r} -> {_get(self.cfg, k)!r}" for k in keys)
+        return (f"{self.out} holds a run whose stage '{stage}' is finished with other settings ({what}); resuming would "
+                f"reuse it. Use a new --out, or delete the folders of '{stage}' and the stages after it "
+                f"({', '.join(later)}) in {self.out} to recompute them")
+
     def run(self, only: list[str] | None = None) -> Path:
+        conflict = broadcast_object((self._out_problem() or self._resume_conflict()) if self.rank == 0 else None)
+        if conflict:
+            raise ZebraError(conflict)
+        # the data first: a missing, empty or corrupt source fails here, before any stage starts or writes (its
+        # tokenised form is cached, so the stages that read it later pay nothing more)
+        if not self.done("ild") and (not only or {"init", "ild"} & set(only)):
+            self.stream("ild", self.cfg["ild"])
+        st = self.cfg["distill"]
+        if not self.done("distill") and (not only or "distill" in only):
+            self.stream("kd", st, loss_on=st["loss_on"])
         if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ZebraError(f"cannot create --out {self.out}: {e.strerror or e}") from None
             (self.out / "run_config.json").write_text(json.dumps(self.cfg, indent=2) + "\n")
             start = self.out / "run_start.json"
             if not start.exists():
