@@ -3,6 +3,7 @@ prompt contains the first exchange), /reset forgets it, /exit ends with code 0."
 
 import io
 
+import pytest
 import torch
 
 from zebra import ZebraConfig, ZebraForCausalLM
@@ -55,3 +56,16 @@ def test_generate_and_chat_fast_path_equal_the_reference(tmp_path, teacher_token
         outs["chat-" + fast] = capsys.readouterr().out
     assert outs["on"] == outs["off"] and outs["on"].strip()
     assert outs["chat-on"] == outs["chat-off"]
+
+
+def test_generate_refuses_bad_options_before_loading(capsys, monkeypatch):
+    """`zebra generate` with an impossible length, a negative temperature or an unknown device: exit 2 and a message
+    naming the option, before any model is loaded."""
+    from zebra import loading
+
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for extra, msg in ((["--max-new-tokens", "-1"], "--max-new-tokens must be at least 1"),
+                       (["--temperature", "-1"], "--temperature must be >= 0"),
+                       (["--device", "tpu"], "--device 'tpu'")):
+        assert main(["generate", "--model", "m", "--prompt", "hi", *extra]) == 2
+        assert msg in capsys.readouterr().err

@@ -148,7 +148,8 @@ def test_bad_configs_fail_clearly(tmp_path):
                      ("ild: {mode: everything}", "ild.mode"), ("student: {kv_rank: [1]}", "student.kv_rank"),
                      ("distill: {schedule: linear}", "distill.schedule"), ("ild: {betas: [0.9]}", "ild.betas"),
                      ("compile: maybe", "compile"), ("student: {conv_init: zeros}", "student.conv_init"),
-                     ("teacher_sharding: half", "teacher_sharding"),
+                     ("teacher_sharding: half", "teacher_sharding"), ("ild_fraction: 1.5", "ild_fraction"),
+                     ("device: tpu", "device"), ("student: {kv_budget: 5}", "student.kv_budget"),
                      ("{teacher_sharding: shard, parallel: ddp}", "teacher_sharding")):
         p.write_text(bad + "\n")
         with pytest.raises(ZebraError, match=key.replace(".", r"\.")):

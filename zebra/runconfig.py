@@ -176,6 +176,16 @@ def check(cfg: dict) -> dict:
             raise ZebraError(f"config key {key!r} must be positive, not {v!r}")
     if cfg["seq_len"] < 16:
         raise ZebraError("config key 'seq_len' must be at least 16")
+    if not 0 < cfg["ild_fraction"] < 1:
+        raise ZebraError(f"config key 'ild_fraction' (the ILD share of the data) must be between 0 and 1, not "
+                         f"{cfg['ild_fraction']!r}")
+    dev = str(cfg["device"])
+    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ZebraError(f"config key 'device' must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {cfg['device']!r}")
+    budget = cfg["student"]["kv_budget"]
+    if budget is not None and not 0 < budget <= 1:
+        raise ZebraError(f"config key 'student.kv_budget' is a fraction of the teacher's KV cache in (0, 1], not "
+                         f"{budget!r} (e.g. 0.05 for 5%)")
     if cfg["teacher_sharding"] == "shard" and cfg["parallel"] != "fsdp":
         raise ZebraError("config key 'teacher_sharding' is 'shard', which needs 'parallel: fsdp' (DDP replicates "
                          f"every model), not {cfg['parallel']!r}")

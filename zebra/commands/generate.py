@@ -22,9 +22,33 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
 
 
+def check_device(device) -> None:
+    """A clear error for a device torch cannot use here (before any model is loaded)."""
+    import torch
+
+    from ..errors import ZebraError
+
+    if device is None:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ZebraError(f"--device {device!r} is not a device torch knows (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ZebraError(f"--device {device!r}: no CUDA GPU is available here")
+    if dev.type not in ("cpu", "cuda"):
+        raise ZebraError(f"--device {device!r}: zebra runs on cpu or cuda")
+
+
 def run(args) -> int:
+    from ..errors import ZebraError
     from ..loading import generate_text, load_model
 
+    if args.max_new_tokens < 1:
+        raise ZebraError(f"--max-new-tokens must be at least 1, not {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ZebraError(f"--temperature must be >= 0 (0 = greedy), not {args.temperature}")
+    check_device(args.device)
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     t0 = time.perf_counter()
     text = generate_text(model, tok, args.prompt, args.max_new_tokens, args.temperature, chat=not args.raw, seed=args.seed,
