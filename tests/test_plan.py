@@ -148,3 +148,28 @@ def test_plan_check_splits_the_peak_into_state_and_what_is_above_it(tmp_path, mo
     assert new["planned_state_gib"] + new["planned_above_state_gib"] == pytest.approx(g["total"])
     assert new["error"] == pytest.approx(g["total"] / 40.0 - 1)
     assert "measured_state_gib" not in old_row
+
+
+def test_plan_times_from_the_bench_row_of_the_same_shape_or_says_why_not(tmp_path, monkeypatch):
+    """--bench: the time comes from the bench row whose shape has the base model's dimensions (a bench of a shipped
+    shape times any checkpoint of that architecture); with no such row the plan says so instead of a bare '-'."""
+    from zebra.convert import teacher as tmod
+    from zebra.plan import markdown
+
+    cfg = tiny_run(tmp_path)
+    bench = tmp_path / "bench.json"
+    rows = [{"shape": "tinyshape", "stage": s, "status": "ok", "tokens_per_s": 1000.0} for s in ("ild", "distill")]
+    bench.write_text(json.dumps({"train": rows}))
+    res = plan(cfg, 1, bench=bench)
+    assert all("hours" not in s for s in res["stages"])
+    assert [n.split(":")[0] for n in res["notes"]] == [f"no time for {s['stage']}" for s in res["stages"]]
+    assert "no measured ild row of shape 't'" in markdown(res) and "tinyshape ild" in markdown(res)
+
+    real = tmod.load_teacher_config
+    monkeypatch.setattr(tmod, "shape_names", lambda: ["tinyshape"])
+    monkeypatch.setattr(tmod, "load_teacher_config",
+                        lambda name: real(str(tmp_path / "t")) if name == "tinyshape" else real(name))
+    res = plan(cfg, 1, bench=bench)
+    ild = res["stages"][0]
+    assert [n for n in res["notes"] if "dpo" not in n] == [] and ild["hours"] == pytest.approx(6400 / (1000.0 * 3600))
+    assert "min |" in markdown(res)  # under an hour: minutes, not "0.0 h"

@@ -217,25 +217,52 @@ def plan(config_path: str | Path, gpus: int, gpu_mem_gib: float = 139.0, bench: 
     stages = []
     _check_models(cfg)
     bench_data = read_bench(bench) if bench is not None else None
+    notes = []
+    bench_shape = _bench_shape(cfg, shape) if bench_data is not None else None
     for stage in ("ild", "distill") + (("dpo",) if cfg["dpo"]["enabled"] else ()):
         tps = tokens_per_s if stage != "dpo" else None  # no DPO throughput is measured
         if tps is None and bench_data is not None:
-            tps = bench_tokens_per_s(bench_data, shape or Path(cfg["base"]).name, stage)
+            tps = bench_tokens_per_s(bench_data, bench_shape, stage)
+            if tps is None:
+                have = sorted({f"{r.get('shape')} {r.get('stage')}" for r in bench_data.get("train", [])
+                               if r.get("status") == "ok"})
+                notes.append(f"no time for {stage}: --bench has no measured {stage} row of shape {bench_shape!r} "
+                             f"(it has: {', '.join(have) or 'none'})")
         stages.append(stage_plan(cfg, stage, gpus, gpu_mem_gib, tps))
-    return {"config": str(config_path), "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "stages": stages}
+    return {"config": str(config_path), "gpus": gpus, "gpu_mem_gib": gpu_mem_gib, "stages": stages, "notes": notes}
+
+
+def _bench_shape(cfg: dict, shape: str | None) -> str:
+    """The bench's name for the config's base model: --shape, else the shipped shape with the same dimensions (a
+    bench row of `llama-3.2-1b` times a run of any Llama-3.2-1B checkpoint), else the model's folder name."""
+    if shape:
+        return shape
+    from .convert.teacher import load_teacher_config, shape_names
+
+    keys = ("hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size", "num_attention_heads",
+            "num_key_value_heads")
+    mine = load_teacher_config(cfg["base"])
+    for name in shape_names():
+        other = load_teacher_config(name)
+        if all(other.get(k) == mine.get(k) for k in keys):
+            return name
+    return Path(cfg["base"]).name
 
 
 def markdown(res: dict) -> str:
     lines = [f"`{res['config']}` on {res['gpus']} GPU(s) of {res['gpu_mem_gib']:.0f} GiB (per GPU, GiB):", "",
-             "| stage | trains | micro-batch | params | grads | optimizer | teacher (DPO: reference) | activations | fused KL (DPO: logits) | total | fits | time |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+             "| stage | trains | micro-batch | params | grads | optimizer | teacher (DPO: reference) | activations | fused KL (DPO: logits) | context + slack | total | fits | time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for s in res["stages"]:
         g = s["gib"]
-        t = f"{s['hours']:.1f} h" if "hours" in s else "-"
+        t = "-"
+        if "hours" in s:
+            t = f"{s['hours']:.1f} h" if s["hours"] >= 1 else f"{60 * s['hours']:.1f} min"
         lines.append(f"| {s['stage']} | {s['trains']} | {s['micro_batch_tokens']:,} | {g['parameters']:.1f} | "
                      f"{g['gradients']:.1f} | {g['optimizer']:.1f} | {g['teacher']:.1f} ({s['teacher_mode']}) | "
-                     f"{g['activations']:.1f} | {g['fused_kl']:.1f} | {g['total']:.1f} | "
+                     f"{g['activations']:.1f} | {g['fused_kl']:.1f} | {g['overhead']:.1f} | {g['total']:.1f} | "
                      f"{_fits(s)} | {t} |")
+    lines += [""] + [f"Note: {n}." for n in res.get("notes", [])] if res.get("notes") else []
     return "\n".join(lines) + "\n"
 
 

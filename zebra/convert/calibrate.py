@@ -24,11 +24,13 @@ from ..stages.ild import teacher_layer_targets
 
 
 @torch.no_grad()
-def calibrate_mamba2_norms(teacher, student, batches) -> dict:
+def calibrate_mamba2_norms(teacher, student, batches, progress: bool = True) -> dict:
     """Set each Mamba2 layer's norm.weight of `student` to the per-channel least-squares scale (see the module
     doc). batches: dicts with input_ids (+ doc_ids / attention_mask), e.g. a few PackedStream batches of training
     data. Returns {"layers": the calibrated layers, "tokens": tokens used, "first_batch_seconds" (kernel
-    compilation shows here), "seconds"}."""
+    compilation shows here), "seconds"}. progress: a progress bar with tokens/s on stderr."""
+    from tqdm import tqdm
+
     layers = [i for i, layer in enumerate(student.model.layers) if layer.mixer_type == "mamba2"]
     num = {i: 0.0 for i in layers}
     den = {i: 0.0 for i in layers}
@@ -49,7 +51,8 @@ def calibrate_mamba2_norms(teacher, student, batches) -> dict:
     try:
         for i in layers:
             student.model.layers[i].mamba.norm.weight.fill_(1.0)  # the hook then sees the normalised signal
-        for batch in batches:
+        bar = tqdm(batches, desc="calibrate", unit="batch", disable=not progress, dynamic_ncols=True)
+        for batch in bar:
             mask = batch.get("attention_mask")
             keepm = mask.bool() if mask is not None else torch.ones(batch["input_ids"].shape, dtype=torch.bool,
                                                                         device=batch["input_ids"].device)
@@ -62,6 +65,7 @@ def calibrate_mamba2_norms(teacher, student, batches) -> dict:
                 o, y = captured[f"t{i}"][keepm], captured[f"s{i}"][keepm]  # (n, d_inner)
                 num[i] = num[i] + (o * y).sum(0)
                 den[i] = den[i] + (y * y).sum(0)
+            bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):,.0f}", refresh=False)
             if first_batch_s is None:
                 if batch["input_ids"].is_cuda:
                     torch.cuda.synchronize()
