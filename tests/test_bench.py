@@ -2,6 +2,7 @@
 layouts, training FLOPs, and the command end to end on CPU with a tiny shape (plus its input errors)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -243,3 +244,19 @@ def test_batch_sweep_bisects_below_the_first_out_of_memory_batch(tmp_path, monke
     assert [p["batch"] for p in res["points"] if p["variant"] == "zebra"] == [32, 64, 128]  # nothing to search
     md = (out / "bench.md").read_text()
     assert "llama B=48 48 tokens/s" in md and "zebra B=128 128 tokens/s (2.67x llama)" in md
+
+
+def test_report_elsewhere_links_the_run_plots_where_they_are(tmp_path):
+    """`zebra report RUN --out DIR`: the run's own section keeps working image links (relative to DIR now)."""
+    from zebra.eval.report import write_report
+
+    run = tmp_path / "run"
+    (run / "sensitivity").mkdir(parents=True)
+    for f in ("curve.png", "sensitivity/sensitivity.png"):
+        (run / f).write_bytes(b"png")
+    head = "# run\n\n![curve](curve.png)\n![sensitivity](sensitivity/sensitivity.png)\n![web](https://x/y.png)\n"
+    for out in (run, tmp_path / "elsewhere" / "rep"):
+        md = write_report(run, out, head=head).read_text()
+        links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+        assert len(links) == 3 and links[2] == "https://x/y.png"
+        assert all((out / link).resolve().is_file() for link in links[:2]), (out, links)

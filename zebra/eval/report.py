@@ -108,6 +108,22 @@ def _rel(path: Path, base: Path) -> str:
     return os.path.relpath(path, base)
 
 
+def _relink(md: str, root: Path, out: Path) -> str:
+    """Markdown written for `root` with its relative image links pointing at the same files from `out`."""
+    import os
+    import re
+
+    if out.resolve() == root.resolve():
+        return md
+
+    def fix(m):
+        target = m.group(2)
+        if re.match(r"^[a-z]+:|^/", target):
+            return m.group(0)
+        return f"![{m.group(1)}]({Path(os.path.relpath(root.resolve() / target, out.resolve())).as_posix()})"
+    return re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", fix, md)
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None, head: str | None = None) -> Path:
     """Write OUT/report.md and OUT/plots/*.png; returns the report path. head: markdown that opens the report (a
     pipeline run's own section, zebra.stages.report.render_report), in place of the generic title."""
@@ -123,7 +139,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, head: str |
     md = [f"# Zebra report: {root}", ""]
     pipeline_run = head is not None
     if pipeline_run:  # a `zebra run` folder: its own report first (it has the sensitivity section)
-        md = head.splitlines() + [""]
+        md = _relink(head, root, out).splitlines() + [""]
 
     # Fig. 3: per-layer sensitivity
     if found["sensitivity"] and not pipeline_run:
