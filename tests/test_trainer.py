@@ -169,3 +169,35 @@ def test_time_budget_ends_the_stage_in_time_with_a_full_decay(tmp_path):
     recs = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "event" not in r]
     assert len(recs) == summary["steps"] and recs[-1]["lr"] == pytest.approx(0.0, abs=1e-9)
     assert any('"budget"' in x for x in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_metrics_log_each_step_once_across_kills_and_restarts(tmp_path, monkeypatch):
+    """metrics.jsonl after a kill, a resume from the checkpoint (steps after it are redone) and a restart from
+    scratch (no checkpoint): every optimizer step appears exactly once, as in one uninterrupted run."""
+    def trainer(out, ckpt_every):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        return Trainer(model, model.parameters(), toy_loss(model), ToyStream(steps=6),
+                       TrainConfig(tokens=8 * 12, ckpt_every=ckpt_every), out, "toy", torch.device("cpu"))
+
+    def steps(out):
+        return [r["step"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                if "event" not in r]
+
+    trainer(tmp_path / "whole", ckpt_every=2).fit()
+    whole = steps(tmp_path / "whole")
+    assert whole == list(range(1, 13))
+    monkeypatch.setenv("ZEBRA_STOP_AFTER_STEPS", "5")
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "a", ckpt_every=2).fit()  # killed after step 5; the checkpoint is of step 4
+    assert steps(tmp_path / "a") == [1, 2, 3, 4, 5]
+    monkeypatch.delenv("ZEBRA_STOP_AFTER_STEPS")
+    trainer(tmp_path / "a", ckpt_every=2).fit()
+    assert steps(tmp_path / "a") == whole
+
+    monkeypatch.setenv("ZEBRA_STOP_AFTER_STEPS", "3")
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b", ckpt_every=100).fit()  # no checkpoint: the restart begins again at step 1
+    monkeypatch.delenv("ZEBRA_STOP_AFTER_STEPS")
+    trainer(tmp_path / "b", ckpt_every=100).fit()
+    assert steps(tmp_path / "b") == whole

@@ -288,6 +288,21 @@ class Trainer:
         if self.rank == 0:
             shutil.rmtree(self.ckpt_dir, ignore_errors=True)
 
+    def _trim_metrics(self, step: int) -> None:
+        """metrics.jsonl holds only what led to the state training goes on from: a fresh start empties it, a resume
+        drops the lines of steps after the checkpoint (a killed run logged them; they will be logged again)."""
+        if self.rank != 0 or not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut off by the kill
+                continue
+            if step and rec.get("step", 0) <= step and rec.get("event") != "done":
+                keep.append(line)
+        atomic_write_text(self.metrics_path, "".join(x + "\n" for x in keep))
+
     def _log(self, rec: dict) -> None:
         if self.rank == 0:
             with open(self.metrics_path, "a") as f:
@@ -346,8 +361,10 @@ class Trainer:
         from tqdm import tqdm
 
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        if not self.maybe_resume():
+        resumed = self.maybe_resume()
+        if not resumed:
             seed_everything(self.cfg.seed)
+        self._trim_metrics(self.step if resumed else 0)
         self.model.train()
         self._evals = 0
         t_fit = self._t_fit = time.perf_counter()
