@@ -289,3 +289,20 @@ def test_bad_data_fails_before_any_stage_writes(tiny_setup, tmp_path):
     for out, match in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "run", "afile is a file")):
         with pytest.raises(ZebraError, match=match):
             Run(cfg, out).run()
+
+
+def test_student_settings_are_checked_against_the_teacher_first(tiny_setup, tmp_path):
+    """Ranks, layer lists and num_mla that the 4-layer teacher cannot take: an error naming the config key before
+    any work (no run folder)."""
+    root = tiny_setup
+    base = load_config(write_config(root, "geom"))
+    for over, match in (({"kv_rank": 100000}, r"config key 'student.kv_rank' 100000 must be in 1\.\.64"),
+                        ({"mla_layers": [99]}, r"student.mla_layers.*\[99\]"),
+                        ({"num_mla": 99}, r"student.num_mla' is 99: the teacher has 4 layers"),
+                        ({"num_mla": 3, "attention_layers": [0, 1]}, r"at most 2 can be MLA"),
+                        ({"rope_dim": 7}, r"config key 'student.rope_dim' 7")):
+        cfg = {**base, "student": {**base["student"], **over}}
+        out = tmp_path / f"run-{len(str(over))}"
+        with pytest.raises(ZebraError, match=match):
+            Run(cfg, out).run()
+        assert not out.exists()

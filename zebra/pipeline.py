@@ -671,6 +671,37 @@ class Run:
             return f"cannot create --out {self.out}: {up} is not writable"
         return None
 
+    def _student_problem(self) -> str | None:
+        """The student settings checked against the teacher before any work, named by their config keys (the layer
+        lists, num_mla against the layer count, and the MLA ranks the conversion would refuse at init)."""
+        from .convert.layout import student_config_from_teacher
+        from .convert.teacher import load_teacher_config
+
+        s = self.cfg["student"]
+        tcfg = load_teacher_config(self.cfg["base"])
+        L = int(tcfg["num_hidden_layers"])
+        try:
+            attention = _layer_list(s["attention_layers"], L, "student.attention_layers") or []
+            fixed = _layer_list(s["mla_layers"], L, "student.mla_layers")
+        except ZebraError as e:
+            return str(e)
+        if fixed is None and s["kv_budget"] is None and not 0 <= s["num_mla"] <= L - len(attention):
+            return (f"config key 'student.num_mla' is {s['num_mla']}: the teacher has {L} layers"
+                    + (f", {len(attention)} of them kept as attention" if attention else "")
+                    + f", so at most {L - len(attention)} can be MLA")
+        both = sorted(set(fixed or []) & set(attention))
+        if both:
+            return f"layers {both} are in both student.mla_layers and student.attention_layers"
+        try:
+            student_config_from_teacher(tcfg, list(range(L)), [], kv_rank=s["kv_rank"], q_rank=s["q_rank"],
+                                        rope_dim=s["rope_dim"], nope_dim=s["nope_dim"])
+        except ZebraError as e:
+            msg = str(e)
+            for flag in ("kv-rank", "q-rank", "rope-dim", "nope-dim"):
+                msg = msg.replace(f"--{flag}", f"config key 'student.{flag.replace('-', '_')}'")
+            return msg
+        return None
+
     def _resume_conflict(self) -> str | None:
         """A re-run into a folder whose finished stages were computed from other settings would silently reuse them:
         say which stage and which settings instead."""
@@ -694,7 +725,8 @@ class Run:
                 f"({', '.join(later)}) in {self.out} to recompute them")
 
     def run(self, only: list[str] | None = None) -> Path:
-        conflict = broadcast_object((self._out_problem() or self._resume_conflict()) if self.rank == 0 else None)
+        conflict = broadcast_object((self._out_problem() or self._student_problem() or self._resume_conflict())
+                                    if self.rank == 0 else None)
         if conflict:
             raise ZebraError(conflict)
         # the data first: a missing, empty or corrupt source fails here, before any stage starts or writes (its
