@@ -69,3 +69,5 @@ def test_generate_refuses_bad_options_before_loading(capsys, monkeypatch):
                        (["--device", "tpu"], "--device 'tpu'")):
         assert main(["generate", "--model", "m", "--prompt", "hi", *extra]) == 2
         assert msg in capsys.readouterr().err
+    assert main(["make-pairs", "--model", "m", "--num-pairs", "0", "--out", "p.jsonl"]) == 2
+    assert "--num-pairs must be at least 1" in capsys.readouterr().err

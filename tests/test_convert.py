@@ -537,3 +537,18 @@ def test_save_model_dtype_leaves_the_model_alone(tmp_path, capsys):
     back = ZebraForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
     for (k, p), q in zip(model.state_dict().items(), back.state_dict().values()):
         torch.testing.assert_close(q, p.to(torch.bfloat16).float(), msg=k)
+
+
+def test_compose_refuses_a_used_out_before_loading(tmp_path, monkeypatch, capsys):
+    """`zebra compose --out DIR` with DIR already holding files: exit 2 at once (not after composing), unless --force."""
+    from zebra import loading
+    from zebra.cli import main
+
+    out = tmp_path / "hybrid"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    args = ["compose", "--mla-model", "a", "--mamba-model", "b", "--mla-layers", "0", "--out", str(out)]
+    assert main(args) == 2
+    assert "exists and is not empty (pass --force" in capsys.readouterr().err
+    assert (out / "keep.txt").exists()

@@ -20,8 +20,14 @@ def add_arguments(p):
 def run(args) -> int:
     from ..data.sources import load_conversations
     from ..loading import load_model
+    from ..errors import ZebraError
     from ..stages.pairs import make_pairs
 
+    for name in ("num_pairs", "max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ZebraError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.temperature < 0:
+        raise ZebraError(f"--temperature must be >= 0, not {args.temperature}")
     model, tok = load_model(args.model)
     n = make_pairs(model, tok, load_conversations(args.data), args.num_pairs, args.out, args.max_new_tokens,
                    args.temperature, args.batch_size, args.seed)

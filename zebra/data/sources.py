@@ -368,7 +368,7 @@ def _jsonl_gen(path: Path) -> Iterator[Conversation]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ZebraError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from e
+                raise ZebraError(f"{where}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from e
             if not isinstance(obj, dict):
                 raise ZebraError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             for key in ("messages", "conversations"):
