@@ -179,10 +179,12 @@ def test_bench_cli_end_to_end_on_cpu(tmp_path):
 @pytest.mark.parametrize("argv", [
     ["--shapes", "70b"], ["--variants", "llama,gpt"], ["--lengths", "0,5"], ["--batches", "x"],
     ["--what", "decode,fly"], ["--what", "train", "--shapes", "8b"], ["--fit-step", "-1"],
+    ["--what", "kernels", "--device", "cpu"],
 ])
 def test_bench_bad_input_exits_2(argv, tmp_path, capsys):
     assert main(["bench", *argv, "--out", str(tmp_path / "o")]) == 2
     assert "error" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything is written
 
 
 def test_bench_with_a_bf16_ssm_state_counts_half_the_state_bytes(tmp_path):

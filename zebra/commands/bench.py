@@ -104,6 +104,9 @@ def run(args) -> int:
     if args.batch_length <= 1 or args.steps <= 0 or args.warmup < 0 or args.fit_step < 0:
         raise ZebraError("--batch-length must be > 1, --steps > 0, --warmup >= 0 and --fit-step >= 0")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if "kernels" in what and device.type != "cuda":
+        raise ZebraError("--what kernels times the Triton decode kernels at 8B size against the copy bandwidth: it "
+                         "needs a CUDA GPU (on the CPU the reference ops would take hours and say nothing)")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     shape_specs = [s.strip() for s in args.shapes.split(",") if s.strip()]
