@@ -150,6 +150,7 @@ def test_bad_configs_fail_clearly(tmp_path):
                      ("compile: maybe", "compile"), ("student: {conv_init: zeros}", "student.conv_init"),
                      ("teacher_sharding: half", "teacher_sharding"), ("ild_fraction: 1.5", "ild_fraction"),
                      ("device: tpu", "device"), ("student: {kv_budget: 5}", "student.kv_budget"),
+                     ("student: {num_mla: 4, mla_layers: [0, 1]}", "student.mla_layers"),
                      ("{teacher_sharding: shard, parallel: ddp}", "teacher_sharding")):
         p.write_text(bad + "\n")
         with pytest.raises(ZebraError, match=key.replace(".", r"\.")):

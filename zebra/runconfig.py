@@ -226,10 +226,22 @@ def load_config(path: str | Path, overrides: dict | None = None) -> dict:
     if not isinstance(raw, dict):
         raise ZebraError(f"{path} must hold a mapping of settings")
     cfg = _merge(DEFAULTS, raw)
+    _one_layer_choice(raw, str(path))
     if overrides:
         cfg = _merge(cfg, overrides)
     return check(cfg)
 
 
+def _one_layer_choice(raw: dict, where: str) -> None:
+    """student.mla_layers fixes the MLA layers; num_mla / kv_budget ask SMART to choose them: a file that gives both
+    would have one silently ignored. (An ablation variant's override of the base file's choice is not a conflict.)"""
+    student = raw.get("student") if isinstance(raw.get("student"), dict) else {}
+    given = [k for k in ("mla_layers", "num_mla", "kv_budget") if student.get(k) is not None]
+    if len(given) > 1:
+        raise ZebraError(f"{where}: give one of student.mla_layers (fixed layers), student.num_mla or "
+                         f"student.kv_budget (SMART chooses), not {' and '.join('student.' + k for k in given)}")
+
+
 def config_from_dict(raw: dict) -> dict:
+    _one_layer_choice(raw, "config")
     return check(_merge(DEFAULTS, raw))
