@@ -287,7 +287,8 @@ def test_bad_data_fails_before_any_stage_writes(tiny_setup, tmp_path):
     # an --out that cannot be a folder is refused first, naming it
     (tmp_path / "afile").write_text("x")
     cfg = load_config(write_config(root, "bad-out"))
-    for out, match in ((tmp_path / "afile", "is a file, not a folder"), (tmp_path / "afile" / "run", "afile is a file")):
+    for out, match in ((tmp_path / "afile", "exists and is not a directory"),
+                       (tmp_path / "afile" / "run", "afile is a file")):
         with pytest.raises(ZebraError, match=match):
             Run(cfg, out).run()
 

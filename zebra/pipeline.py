@@ -657,18 +657,14 @@ class Run:
             print(f"[zebra run] {msg}", flush=True)
 
     def _out_problem(self) -> str | None:
-        """Why the run folder cannot be made or written, found before any work (None: it can)."""
-        import os
+        """Why the run folder cannot be made or written, found before any work (None: it can). The same checks as
+        `zebra convert`'s --out, except that a folder with files in it is a run to resume."""
+        from .convert.build import check_out_dir
 
-        if self.out.exists() and not self.out.is_dir():
-            return f"--out {self.out} is a file, not a folder"
-        up = self.out
-        while not up.exists():
-            up = up.parent
-        if not up.is_dir():
-            return f"cannot create --out {self.out}: {up} is a file, not a folder"
-        if not os.access(up, os.W_OK | os.X_OK):
-            return f"cannot create --out {self.out}: {up} is not writable"
+        try:
+            check_out_dir(self.out, True, self.cfg["base"])
+        except ZebraError as e:
+            return str(e)
         return None
 
     def _student_problem(self) -> str | None:

@@ -262,7 +262,8 @@ def markdown(res: dict) -> str:
                      f"{g['gradients']:.1f} | {g['optimizer']:.1f} | {g['teacher']:.1f} ({s['teacher_mode']}) | "
                      f"{g['activations']:.1f} | {g['fused_kl']:.1f} | {g['overhead']:.1f} | {g['total']:.1f} | "
                      f"{_fits(s)} | {t} |")
-    lines += [""] + [f"Note: {n}." for n in res.get("notes", [])] if res.get("notes") else []
+    if res.get("notes"):
+        lines += [""] + [f"Note: {n}." for n in res["notes"]]
     return "\n".join(lines) + "\n"
 
 

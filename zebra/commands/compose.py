@@ -36,13 +36,9 @@ def run(args) -> int:
     mla, tok = load_model(args.mla_model, dtype="float32", device="cpu")
     mamba, _ = load_model(args.mamba_model, dtype="float32", device="cpu")
     L = mamba.config.num_hidden_layers
-    if (args.mla_layers is None) == (args.scores is None):
-        raise ZebraError("give exactly one of --mla-layers or --scores (with --num-mla)")
     if args.scores is not None:
         from ..stages.smart import load_scores, smart_select
 
-        if args.num_mla is None:
-            raise ZebraError("--scores needs --num-mla")
         layers = smart_select(load_scores(args.scores), args.num_mla)
     else:
         layers = parse_layer_spec(args.mla_layers, L, "--mla-layers")

@@ -19,8 +19,8 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..data.sources import load_conversations
-    from ..loading import load_model
     from ..errors import ZebraError
+    from ..loading import load_model
     from ..stages.pairs import make_pairs
 
     for name in ("num_pairs", "max_new_tokens", "batch_size"):

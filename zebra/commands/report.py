@@ -12,8 +12,8 @@ from pathlib import Path
 
 def add_arguments(p):
     p.add_argument("run_dir", help="a run folder (e.g. the output of `zebra run`)")
-    p.add_argument("--out", default=None, help="where report.md goes, with plots/ for the plots it draws (default: RUN_DIR); a run's own plots "
-                   "stay in RUN_DIR and the report links to them there")
+    p.add_argument("--out", default=None, help="where report.md goes, with plots/ for the plots it draws (default: "
+                   "RUN_DIR); a run's own plots stay in RUN_DIR and the report links to them there")
 
 
 def run(args) -> int:
